@@ -1,0 +1,374 @@
+"""The Slicer module (LumbarBMD/LumbarBMD.py) on a real slicer-core MRML scene, without the Slicer application.
+
+The Logic is the MRML adapter: CTVolume (LPS) <-> volume node (RAS). These tests check that conversion
+against a real scene, a real NRRD writer/reader and SimpleITK; plus static checks of the .ui file and the
+module metadata.
+"""
+
+# The fixtures are imported from slicer_fixtures and requested by name as test arguments:
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import types
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import vtk
+from slicer_fixtures import (  # noqa: F401  (fixtures are used by name)
+    MODULE_DIR,
+    MODULE_FILE,
+    REPO_ROOT,
+    UI_FILE,
+    allow_vtk_errors,
+    lumbarbmd_module,
+    mrml,
+    scripted_module_stub,
+    vtk_messages,
+)
+
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.volume import CTVolume
+
+pytestmark = pytest.mark.slicer
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SHAPE = (6, 7, 9)  # numpy (k, j, i)
+SPACING = (0.7, 0.8, 2.5)
+ORIGIN_LPS = (-100.0, -120.0, 50.0)
+
+
+def oblique_direction(degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about S, then about L: every index axis is oblique."""
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    about_s = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    about_l = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    return about_l @ about_s
+
+
+GEOMETRIES = {
+    "axis-aligned": np.eye(3),
+    "oblique-30deg": oblique_direction(30.0),
+    "flipped-axes": np.diag([-1.0, 1.0, -1.0]) @ oblique_direction(30.0),  # left-handed index frame
+}
+
+
+def make_ct(direction: np.ndarray, dtype=np.int16, seed: int = 7) -> CTVolume:
+    rng = np.random.default_rng(seed)
+    hu = rng.integers(-1024, 1800, size=SHAPE).astype(dtype)
+    return CTVolume(hu=hu, spacing=SPACING, origin=ORIGIN_LPS, direction=direction, source="test")
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+def assert_same_geometry(a: CTVolume, b: CTVolume) -> None:
+    np.testing.assert_allclose(a.spacing, b.spacing, atol=1e-9)
+    np.testing.assert_allclose(a.origin, b.origin, atol=1e-9)
+    np.testing.assert_allclose(a.direction, b.direction, atol=1e-9)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# (a) headless import
+# --------------------------------------------------------------------------------------
+def test_module_imports_headless_and_logic_works_without_qt(lumbarbmd_module, mrml):
+    assert lumbarbmd_module.qt is None and lumbarbmd_module.ctk is None
+    for name in ("LumbarBMD", "LumbarBMDWidget", "LumbarBMDLogic", "LumbarBMDTest"):
+        assert isinstance(getattr(lumbarbmd_module, name), type)
+    logic = lumbarbmd_module.LumbarBMDLogic()
+    assert logic.moduleName == "LumbarBMD"
+    parameter_node = logic.getParameterNode()
+    assert parameter_node is logic.getParameterNode()  # singleton
+    assert parameter_node.GetAttribute("ModuleName") == "LumbarBMD"
+    assert mrml.scene.GetSingletonNode("LumbarBMD", "vtkMRMLScriptedModuleNode") is parameter_node
+
+
+def test_module_import_pulls_in_neither_qt_nor_torch():
+    """In a fresh interpreter: importing the module loads no Qt and no torch (models load on demand)."""
+    code = f"""
+import sys
+sys.path[:0] = [{str(REPO_ROOT / "Testing")!r}, {str(MODULE_DIR)!r}]
+import slicer_fixtures
+sys.modules["slicer.ScriptedLoadableModule"] = slicer_fixtures.make_scripted_loadable_module_stub()
+import LumbarBMD
+print(sorted(m for m in ("torch", "monai", "qt", "ctk", "PythonQt") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_module_finds_lumbarbmdlib_from_the_source_tree_without_installation(tmp_path):
+    """The path fallback in LumbarBMD.py: the package is found at ../LumbarBMDLib of the module folder."""
+    code = f"""
+import sys, types
+# hide the editable install of the package (pip install -e .), so only the module's fallback can find it
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__name__", "").lower()]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+sys.path_importer_cache.clear()
+try:
+    import LumbarBMDLib
+    raise SystemExit("LumbarBMDLib importable before the module is loaded: the test proves nothing")
+except ImportError:
+    pass
+sys.path[:0] = [{str(REPO_ROOT / "Testing")!r}, {str(MODULE_DIR)!r}]
+import slicer_fixtures
+sys.modules["slicer.ScriptedLoadableModule"] = slicer_fixtures.make_scripted_loadable_module_stub()
+import LumbarBMD, LumbarBMDLib
+print(LumbarBMDLib.__file__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == str(REPO_ROOT / "LumbarBMDLib" / "__init__.py")
+
+
+# --------------------------------------------------------------------------------------
+# (b) round trip on a real scene
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_roundtrip_ctvolume_node_ctvolume(lumbarbmd_module, mrml, geometry, dtype):
+    logic = lumbarbmd_module.LumbarBMDLogic()
+    volume = make_ct(GEOMETRIES[geometry], dtype=dtype)
+
+    node = logic.ctVolumeToVolumeNode(volume, name="CT")
+    assert node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+    assert node.GetName() == "CT" and node.GetScene() is mrml.scene
+    assert node.GetDisplayNode() is not None
+    np.testing.assert_allclose(ijk_to_ras(node), LPS_TO_RAS @ volume.affine, atol=1e-9)
+    np.testing.assert_allclose(node.GetSpacing(), SPACING, atol=1e-9)
+    assert slicer.util.arrayFromVolume(node).shape == SHAPE
+
+    back = logic.volumeNodeToCTVolume(node)
+    assert back.hu.dtype == volume.hu.dtype
+    np.testing.assert_array_equal(back.hu, volume.hu)
+    assert_same_geometry(back, volume)
+    assert back.metadata["mrml_node_id"] == node.GetID()
+
+    # The returned array is a copy: neither later node edits nor node removal touch it.
+    slicer.util.arrayFromVolume(node)[:] = 0
+    mrml.scene.RemoveNode(node)
+    np.testing.assert_array_equal(back.hu, volume.hu)
+
+
+def test_voxel_ras_position_is_lps_with_x_and_y_negated(lumbarbmd_module, mrml):
+    volume = make_ct(oblique_direction(30.0))
+    node = lumbarbmd_module.LumbarBMDLogic().ctVolumeToVolumeNode(volume)
+    ijk = np.array([[0, 0, 0], [8, 6, 5], [3.5, 2.0, 1.25]])
+    lps = volume.index_to_lps(ijk)
+    ras = (ijk_to_ras(node) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-9)
+    # and the same point through SimpleITK's own index -> physical mapping
+    img = volume.to_sitk()
+    np.testing.assert_allclose(img.TransformContinuousIndexToPhysicalPoint(ijk[2].tolist()), lps[2], atol=1e-9)
+
+
+def test_linear_parent_transform_is_applied_and_nonlinear_refused(lumbarbmd_module, mrml):
+    logic = lumbarbmd_module.LumbarBMDLogic()
+    volume = make_ct(np.eye(3))
+    node = logic.ctVolumeToVolumeNode(volume)
+
+    shift_ras = np.eye(4)
+    shift_ras[:3, 3] = (10.0, 20.0, 30.0)  # +10 R, +20 A, +30 S
+    transform = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift_ras))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = logic.volumeNodeToCTVolume(node)
+    np.testing.assert_allclose(moved.origin, np.add(ORIGIN_LPS, (-10.0, -20.0, 30.0)), atol=1e-9)
+    np.testing.assert_allclose(moved.direction, volume.direction, atol=1e-9)
+    np.testing.assert_array_equal(moved.hu, volume.hu)
+
+    warp = mrml.scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    tps = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p, q in [((0, 0, 0), (1, 0, 0)), ((50, 0, 0), (50, 2, 0)), ((0, 50, 0), (0, 50, 3)), ((0, 0, 50), (0, 0, 50))]:
+        source.InsertNextPoint(p)
+        target.InsertNextPoint(q)
+    tps.SetSourceLandmarks(source)
+    tps.SetTargetLandmarks(target)
+    tps.SetBasisToR()
+    warp.SetAndObserveTransformToParent(tps)
+    node.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(LumbarBMDError, match="non-linear"):
+        logic.volumeNodeToCTVolume(node)
+
+
+def test_unusable_nodes_raise_the_library_error(lumbarbmd_module, mrml):
+    logic = lumbarbmd_module.LumbarBMDLogic()
+    with pytest.raises(LumbarBMDError, match="no CT volume selected"):
+        logic.volumeNodeToCTVolume(None)
+    empty = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(LumbarBMDError, match="holds no image"):
+        logic.volumeNodeToCTVolume(empty)
+    labels = slicer.util.addVolumeFromArray(
+        np.zeros(SHAPE, np.uint8), name="labels", nodeClassName="vtkMRMLLabelMapVolumeNode"
+    )
+    with pytest.raises(LumbarBMDError, match="not a CT volume"):
+        logic.volumeNodeToCTVolume(labels)
+    rgb = slicer.util.addVolumeFromArray(
+        np.zeros((*SHAPE, 3), np.uint8), name="rgb", nodeClassName="vtkMRMLVectorVolumeNode"
+    )
+    with pytest.raises(LumbarBMDError, match="3 values per voxel"):
+        logic.volumeNodeToCTVolume(rgb)
+    with pytest.raises(LumbarBMDError, match="3-D"):
+        logic.ctVolumeToVolumeNode(CTVolume(hu=np.zeros((4, 5)), spacing=(1, 1, 1), origin=(0, 0, 0)))
+
+
+def test_volume_summary_for_the_status_label(lumbarbmd_module, mrml):
+    logic = lumbarbmd_module.LumbarBMDLogic()
+    assert "Select the CT volume" in logic.volumeSummary(None)
+    node = logic.ctVolumeToVolumeNode(make_ct(np.eye(3)), name="Abdomen")
+    assert logic.volumeSummary(node) == "'Abdomen': 9 × 7 × 6 voxels, 0.70 × 0.80 × 2.50 mm."
+
+
+def test_module_self_test_runs_headless(lumbarbmd_module, mrml):
+    """Slicer's own self-test (LumbarBMDTest.runTest) passes on the slicer-core scene."""
+    mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "left over")
+    test = lumbarbmd_module.LumbarBMDTest()
+    test.runTest()
+    assert mrml.scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0  # cleared, cleaned up
+
+
+# --------------------------------------------------------------------------------------
+# (c) the conversion agrees with the file world (NRRD writer, SimpleITK)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_node_written_as_nrrd_reads_back_in_simpleitk_with_the_same_lps_geometry(
+    lumbarbmd_module, mrml, tmp_path, geometry
+):
+    volume = make_ct(GEOMETRIES[geometry])
+    node = lumbarbmd_module.LumbarBMDLogic().ctVolumeToVolumeNode(volume)
+    storage = mrml.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path / "ct.nrrd"))
+    assert storage.WriteData(node) == 1
+
+    img = sitk.ReadImage(str(tmp_path / "ct.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), volume.hu)
+    np.testing.assert_allclose(img.GetSpacing(), volume.spacing, atol=1e-6)
+    np.testing.assert_allclose(img.GetOrigin(), volume.origin, atol=1e-6)
+    np.testing.assert_allclose(np.reshape(img.GetDirection(), (3, 3)), volume.direction, atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_file_written_by_simpleitk_loads_into_the_same_ctvolume(lumbarbmd_module, mrml, tmp_path, geometry):
+    volume = make_ct(GEOMETRIES[geometry])
+    sitk.WriteImage(volume.to_sitk(), str(tmp_path / "ct.nrrd"))
+    node = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "loaded")
+    storage = mrml.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path / "ct.nrrd"))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node) == 1
+
+    loaded = lumbarbmd_module.LumbarBMDLogic().volumeNodeToCTVolume(node)
+    np.testing.assert_array_equal(loaded.hu, volume.hu)
+    np.testing.assert_allclose(loaded.affine, volume.affine, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# (d) the .ui file matches what the module accesses
+# --------------------------------------------------------------------------------------
+def ui_tree() -> ET.ElementTree:
+    return ET.parse(UI_FILE)  # raises on malformed XML
+
+
+def test_ui_file_is_a_well_formed_qmrmlwidget():
+    root = ui_tree().getroot()
+    assert root.tag == "ui" and root.get("version") == "4.0"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == root.findtext("class") == "LumbarBMD"
+
+    used = {w.get("class") for w in root.iter("widget")}
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    assert {c for c in used if not c.startswith("Q")} <= declared  # every non-Qt class is declared
+    assert {"qMRMLWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox"} <= declared
+
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+
+
+def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    used = set(re.findall(r"\bself\.ui\.(\w+)", source))
+    assert used >= {"inputVolumeSelector", "computeButton", "statusLabel"}
+    names = {w.get("name") for w in ui_tree().getroot().iter("widget")}
+    assert used <= names, f"used in LumbarBMD.py but missing in LumbarBMD.ui: {sorted(used - names)}"
+
+
+def widget(name: str) -> ET.Element:
+    found = [w for w in ui_tree().getroot().iter("widget") if w.get("name") == name]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def prop(element: ET.Element, name: str) -> ET.Element | None:
+    return element.find(f"property[@name='{name}']")
+
+
+def test_ui_widgets_are_configured_as_specified():
+    root = ui_tree().getroot()
+    inputs = [w for w in root.iter("widget") if w.get("class") == "ctkCollapsibleButton"]
+    assert [prop(w, "text").findtext("string") for w in inputs] == ["Inputs"]
+    assert "inputVolumeSelector" in [w.get("name") for w in inputs[0].iter("widget")]
+    selector = widget("inputVolumeSelector")
+    assert selector.get("class") == "qMRMLNodeComboBox"
+    assert [s.text for s in prop(selector, "nodeTypes").iter("string")] == ["vtkMRMLScalarVolumeNode"]
+    assert prop(selector, "noneEnabled").findtext("bool") == "true"
+    assert prop(selector, "addEnabled").findtext("bool") == "false"
+    assert prop(selector, "removeEnabled").findtext("bool") == "false"
+
+    button = widget("computeButton")
+    assert button.get("class") == "QPushButton"
+    assert prop(button, "text").findtext("string") == "Compute BMD"
+    assert prop(button, "enabled").findtext("bool") == "false"
+    assert "later version" in prop(button, "toolTip").findtext("string")
+    assert widget("statusLabel").get("class") == "QLabel"
+
+    connections = [
+        (c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+        for c in root.iter("connection")
+    ]
+    assert ("LumbarBMD", "mrmlSceneChanged(vtkMRMLScene*)", "inputVolumeSelector", "setMRMLScene(vtkMRMLScene*)") in (
+        connections
+    )
+
+
+# --------------------------------------------------------------------------------------
+# (e) module metadata
+# --------------------------------------------------------------------------------------
+def test_module_metadata_is_set_on_the_parent(lumbarbmd_module):
+    parent = types.SimpleNamespace(path=str(MODULE_FILE))
+    module = lumbarbmd_module.LumbarBMD(parent)
+    assert module.parent is parent and module.moduleName == "LumbarBMD"
+    assert parent.title == "Lumbar BMD"
+    assert parent.categories == ["Quantification"]
+    assert parent.dependencies == []
+    assert parent.contributors and all(isinstance(c, str) and c for c in parent.contributors)
+    assert "mg/cm³" in parent.helpText and "https://github.com/lumbarbmd/SlicerLumbarBMD" in parent.helpText
+    for word in ("R2U-Net", "DenseNet-121", "TotalSegmentator", "Apache-2.0"):
+        assert word in parent.acknowledgementText
+    # the resources the module and widget load exist where Slicer looks for them
+    assert (MODULE_DIR / "Resources" / "Icons" / "LumbarBMD.png").is_file()
+    assert module.resourcePath("UI/LumbarBMD.ui") == str(UI_FILE)
+    assert UI_FILE.is_file()
+
+
+def test_icons_are_128_pixel_pngs():
+    from PIL import Image
+
+    for path in (
+        MODULE_DIR / "Resources" / "Icons" / "LumbarBMD.png",
+        REPO_ROOT / "Resources" / "Icons" / "LumbarBMD.png",
+    ):
+        with Image.open(path) as icon:
+            assert icon.format == "PNG" and icon.size == (128, 128)
