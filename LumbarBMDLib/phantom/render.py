@@ -50,7 +50,8 @@ def _min(arrays: list[np.ndarray]) -> np.ndarray:
 
 AIR_HU = -1000.0
 METAL_HU = 3071.0
-CORTICAL_BMD = 700.0  # mg/cm³ K2HPO4-equivalent of the cortical shell (before partial volume)
+CORTICAL_BMD = 700.0  # mg/cm³ K2HPO4-equivalent of the body's thin (0.5 mm) cortical shell
+DENSE_CORTICAL_BMD = 1100.0  # thicker cortex of posterior elements, sacrum, pelvis and ribs (≈ 1200 HU)
 POSTERIOR_TRABECULAR_EXTRA = 40.0  # posterior elements are denser than the body's spongiosa (mg/cm³)
 CONTRAST_TRABECULAR_HU = 12.0  # Pompe et al. 2015: +10–15 HU in portal-venous phase
 
@@ -247,6 +248,11 @@ def render_soft_tissue(
     table_top = ry + 2.0
 
     wall_cache: dict[float, tuple] = {}
+    field = np.zeros((ny, nx), np.float32)
+    rho = float(np.exp(-node_step / 25.0))  # bowel pattern decorrelates over ~25 mm along z
+    visceral_fat = float(rng.uniform(0.3, 0.65))  # fraction of the visceral cavity that is fat
+    bowel_cut = float(np.quantile(rng.standard_normal(4000), visceral_fat))
+    bowel_hu = 85.0 if c else 28.0
     node_img = np.empty((len(nodes_z), ny, nx), np.float32)
     node_tis = np.empty((len(nodes_z), ny, nx), np.uint8)
     for n, z in enumerate(nodes_z):
@@ -261,12 +267,21 @@ def render_soft_tissue(
         img, tis = base_img.copy(), base_tis.copy()
         _ellipse2d(img, tis, x, y, bx, vy - 20.0, rx * widen - sub - 14.0, (vy - 20.0) - (-ry * 1.1 + sub + 12.0),
                    fat + 12.0, Tissue.FAT, h, inside=inner)  # visceral fat cavity, anterior to the spine
+        # bowel and mesentery packed in the visceral fat: smooth random blobs, coherent from node to node
+        field = rho * field + np.sqrt(1.0 - rho**2) * ndimage.gaussian_filter(
+            rng.standard_normal((ny, nx)).astype(np.float32), sigma=9.0 / h)
+        blobs = np.clip((field / (field.std() + 1e-6) - bowel_cut) * 2.0, 0.0, 1.0)
+        blobs *= (tis == Tissue.FAT) & (y < vy - 15.0)
+        img += blobs * (np.float32(bowel_hu) - img)
+        tis[blobs >= 0.5] = Tissue.SOFT
         # retroperitoneal fat lateral of the spine (makes psoas and kidneys stand out)
         for side in (-1, 1):
             _ellipse2d(img, tis, x, y, vx + side * 55.0, vy + 10.0, 45.0, 30.0, fat + 10.0, Tissue.FAT, h, inside=inner)
         # paraspinal (erector spinae) and quadratus lumborum
         for side in (-1, 1):
-            _ellipse2d(img, tis, x, y, cx + side * 30.0, cy + 32.0, 24.0, 27.0, muscle + 3.0, Tissue.SOFT, h,
+            _ellipse2d(img, tis, x, y, cx + side * 31.0, cy + 32.0, 26.0, 29.0, fat + 20.0, Tissue.FAT, h,
+                       inside=body)  # fat plane around the erector spinae
+            _ellipse2d(img, tis, x, y, cx + side * 31.0, cy + 32.0, 23.5, 26.5, muscle + 3.0, Tissue.SOFT, h,
                        inside=body)
             if z < z_l1 + 10.0 and z > z_l4 - 10.0:
                 _ellipse2d(img, tis, x, y, cx + side * 58.0, cy + 2.0, 15.0, 10.0, muscle, Tissue.SOFT, h, inside=inner)
@@ -545,7 +560,8 @@ def render_vertebra(hu, labels, tissue, vert: Vertebra, grid: Grid, scanner: Sca
     shapes.append(np.maximum(box_distance(u, sv - 15.0, sw, 3.2, 15.0, 8.5 if vert.name.startswith("L") else 6.0),
                              ellipse_distance(u, sw, 3.8, 9.5 if vert.name.startswith("L") else 7.0)))
     d = _min(shapes)
-    _bone(hu, labels, tissue, box, d, d + 1.3, cortical, post_inner, label, h)
+    dense = scanner.mineral_to_hu(DENSE_CORTICAL_BMD * (0.8 + 0.2 * vert.bmd / 150.0))
+    _bone(hu, labels, tissue, box, d, d + 1.3, dense, post_inner, label, h)
 
 
 def render_sacrum_and_pelvis(hu, labels, tissue, patient: Patient, grid: Grid, scanner: ScannerProfile,
@@ -555,7 +571,7 @@ def render_sacrum_and_pelvis(hu, labels, tissue, patient: Patient, grid: Grid, s
     frame = Frame(patient.sacrum_centre, patient.sacrum_axes)
     s_bmd = patient.level("L5").bmd * 0.95
     inner = scanner.mineral_to_hu(s_bmd)
-    cortical = scanner.mineral_to_hu(CORTICAL_BMD)
+    cortical = scanner.mineral_to_hu(DENSE_CORTICAL_BMD)
     got = _frame_box(grid, frame, (-66.0, -22.0, -72.0), (66.0, 38.0, 16.0))
     if got is None:
         return
@@ -594,7 +610,7 @@ def render_ribs(hu, labels, tissue, patient: Patient, grid: Grid, scanner: Scann
             continue
         frame = Frame(vert.centre, vert.axes)
         inner = scanner.mineral_to_hu(vert.bmd + 60.0)
-        cortical = scanner.mineral_to_hu(CORTICAL_BMD)
+        cortical = scanner.mineral_to_hu(DENSE_CORTICAL_BMD)
         for side in (-1.0, 1.0):
             start = frame.to_lps([side * (vert.canal_width / 2.0 + 5.5 + vert.tp_length), vert.canal_offset, 3.0])
             pts = [start]

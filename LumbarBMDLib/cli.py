@@ -1,0 +1,147 @@
+"""The ``lumbarbmd`` command line (also ``python -m LumbarBMDLib``).
+
+Every expected failure is a :class:`~LumbarBMDLib.errors.LumbarBMDError`: it is printed as one line
+``lumbarbmd: error: ...`` on stderr and the exit status is 1 (2 for a wrong command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from LumbarBMDLib import __version__
+from LumbarBMDLib.errors import LumbarBMDError
+
+DEMO_SEED = 2026  # the embedded default case of `lumbarbmd demo`
+
+
+def _level_table(truth: dict) -> str:
+    """A fixed-width table of the phantom's truth per lumbar level."""
+    lines = [f"{'level':<6}{'BMD mg/cm3':>11}  {'category':<13}{'trab. HU':>9}  {'in view':>7}  centre LPS (mm)"]
+    for name in ("L1", "L2", "L3", "L4"):
+        lv = truth["levels"][name]
+        centre = ", ".join(f"{c:.1f}" for c in lv["centre_lps"])
+        seen = "yes" if name in truth["levels_in_view"] else "no"
+        lines.append(f"{name:<6}{lv['bmd_mg_cm3']:>11.1f}  {lv['category']:<13}{lv['trabecular_hu']:>9.1f}  "
+                     f"{seen:>7}  ({centre})")
+    lines.append(f"{'mean':<6}{truth['mean_bmd_mg_cm3']:>11.1f}  {truth['category']}")
+    return "\n".join(lines)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    """Write a phantom cohort."""
+    from LumbarBMDLib.phantom import generate_cohort
+
+    vendors = ["A", "B", "C"] if args.vendor == "all" else [args.vendor]
+    for vendor in vendors:
+        csv_path = generate_cohort(args.out, cases=args.cases, seed=args.seed, vendor=vendor, size=args.size,
+                                   variant=args.variant, progress=not args.quiet)
+    print(f"wrote {args.cases * len(vendors)} case(s) to {Path(args.out).resolve()} (cohort table: {csv_path})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate the embedded default phantom case, describe it and write a preview."""
+    from LumbarBMDLib.figures import case_preview
+    from LumbarBMDLib.phantom import generate_case, write_case
+
+    case = generate_case(args.seed, "A", args.size, "none")
+    folder = write_case(case, args.out)
+    l3 = case.truth["levels"]["L3"]["centre_lps"]
+    k = round(float(case.ct.lps_to_index(l3)[2]))
+    png = case_preview(case.annotation_image, case.annotation_labels, case.ct, k, folder / "preview.png",
+                       title=f"phantom {case.case_id}: mean BMD {case.truth['mean_bmd_mg_cm3']:.1f} mg/cm³")
+    t = case.truth
+    nz, ny, nx = case.ct.shape
+    sx, sy, sz = case.ct.spacing
+    print(f"LumbarBMD {__version__} demo: synthetic lumbar CT (phantom), vendor {t['vendor']}, seed {t['seed']}")
+    print(f"CT: {nx} x {ny} x {nz} voxels, {sx:.2f} x {sy:.2f} x {sz:.2f} mm, "
+          f"HU {int(case.ct.hu.min())}..{int(case.ct.hu.max())}")
+    print(f"canal: found on {len(t['canal']['centres_lps'])} axial slices, sagittal plane x = "
+          f"{t['canal']['sagittal_x_lps']:.1f} mm (LPS)")
+    print()
+    print("Ground truth per level (QCT-equivalent BMD):")
+    print(_level_table(t))
+    print()
+    print(f"case folder: {folder}")
+    print(f"preview:     {png}")
+    print("The segmentation and regression stages are not in this version yet: this demo shows the phantom")
+    print("case the pipeline will be run on and its ground truth.")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Read a CT (file or DICOM folder) and describe it."""
+    from LumbarBMDLib.volume import read_ct
+
+    vol = read_ct(args.input)
+    nz, ny, nx = vol.shape
+    info = {
+        "input": str(args.input),
+        "size_xyz": [nx, ny, nz],
+        "spacing_mm": [round(s, 4) for s in vol.spacing],
+        "origin_lps": [round(o, 3) for o in vol.origin],
+        "orientation_in_file": vol.metadata.get("original_orientation"),
+        "hu_range": [float(np.min(vol.hu)), float(np.max(vol.hu))],
+        "hu_percentiles_1_50_99": [float(v) for v in np.percentile(vol.hu, [1, 50, 99])],
+    }
+    for key in ("format", "modality", "series_description", "dicom_choice", "warnings"):
+        if vol.metadata.get(key):
+            info[key] = vol.metadata[key]
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    from LumbarBMDLib.phantom import VARIANTS
+
+    parser = argparse.ArgumentParser(prog="lumbarbmd", description="Lumbar bone mineral density from routine CT.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job on the embedded default case (a phantom CT)")
+    p.add_argument("--out", default="lumbarbmd-demo", help="output folder (default: ./lumbarbmd-demo)")
+    p.add_argument("--size", choices=["full", "small"], default="full", help="phantom size (default: full)")
+    p.add_argument("--seed", type=int, default=DEMO_SEED, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("phantom", help="write synthetic lumbar CTs with exact ground truth")
+    p.add_argument("out", help="output folder: OUT/<case>/ct.nii.gz, vertebrae.nii.gz, truth.json, OUT/cohort.csv")
+    p.add_argument("--cases", type=int, default=1, help="number of cases (seeds SEED … SEED+N−1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--vendor", choices=["A", "B", "C", "all"], default="A", help="scanner profile (default A)")
+    p.add_argument("--size", choices=["full", "small"], default="full", help="full: 512², 1 mm; small: 192², 2.5 mm")
+    p.add_argument("--variant", choices=VARIANTS, default="none", help="anatomy/acquisition variant (default none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("info", help="read a CT file or DICOM folder and describe it")
+    p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "cases", 1) < 1:
+        parser.error("--cases must be at least 1")
+    try:
+        return int(args.func(args))
+    except LumbarBMDError as err:
+        print(f"lumbarbmd: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lumbarbmd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
