@@ -62,7 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"LumbarBMD {__version__} demo: synthetic lumbar CT (phantom), vendor {t['vendor']}, seed {t['seed']}")
     print(f"CT: {nx} x {ny} x {nz} voxels, {sx:.2f} x {sy:.2f} x {sz:.2f} mm, "
           f"HU {int(case.ct.hu.min())}..{int(case.ct.hu.max())}")
-    print(f"canal: found on {len(t['canal']['centres_lps'])} axial slices, sagittal plane x = "
+    print(f"canal (truth): on {len(t['canal']['centres_lps'])} axial slices, mean sagittal plane x = "
           f"{t['canal']['sagittal_x_lps']:.1f} mm (LPS)")
     print()
     print("Ground truth per level (QCT-equivalent BMD):")

@@ -97,8 +97,12 @@ class Vertebra:
 
     @property
     def canal_offset(self) -> float:
-        """Distance (mm) from the body centre to the canal centre along +v (posterior)."""
-        return self.depth / 2.0 + 1.5 + self.canal_depth / 2.0
+        """Distance (mm) from the body centre to the canal centre along +v (posterior).
+
+        The canal's contents fill the bony foramen: its anterior edge lies on the body's flat posterior
+        wall (2.5 mm in front of the body's elliptic outline; the body is painted over the 0.5 mm overlap).
+        """
+        return self.depth / 2.0 - 3.0 + self.canal_depth / 2.0
 
     @property
     def canal_centre(self) -> np.ndarray:
@@ -161,7 +165,7 @@ def sample_mean_bmd(rng: np.random.Generator, category: str | None = None) -> fl
         names = list(CATEGORY_PROBABILITIES)
         category = names[rng.choice(len(names), p=list(CATEGORY_PROBABILITIES.values()))]
     if category == "osteoporosis":
-        return float(80.0 - rng.gamma(2.0, 9.0) - 0.5)  # mostly 55–79, tail to ~25
+        return float(max(80.0 - rng.gamma(2.0, 9.0) - 0.5, 20.0))  # mostly 55–79, tail floored at 20
     if category == "osteopenia":
         return float(rng.uniform(80.0, 120.0))
     if category == "normal":
