@@ -97,6 +97,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Canal detection and the annotator's sagittal images of a CT."""
+    from LumbarBMDLib.annotation import annotate
+
+    ann = annotate(args.input, args.out)
+    c = ann.canal
+    out = Path(args.out).resolve()
+    print(f"canal found on {len(c.slice_indices)} axial slices "
+          f"(slices {int(c.slice_indices.min())}–{int(c.slice_indices.max())}), sagittal plane x = "
+          f"{c.sagittal_x_lps:.1f} mm (LPS), lateral drift {c.drift_mm:.1f} mm")
+    if c.drift_mm > 10.0:
+        print(f"note: the canal drifts {c.drift_mm:.0f} mm sideways (scoliosis?); one sagittal plane cuts the "
+              "vertebrae off-centre at the ends: check the annotation image")
+    for warning in ann.volume.metadata.get("warnings", []):
+        print(f"warning: {warning}")
+    if ann.volume.metadata.get("dicom_choice"):
+        print(ann.volume.metadata["dicom_choice"])
+    print(f"wrote {out / 'annotation_image.nii.gz'}, candidates.nii.gz, canal.json, annotation_preview.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from LumbarBMDLib.phantom import VARIANTS
@@ -120,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, default="none", help="anatomy/acquisition variant (default none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("annotate", help="find the canal and write the 20-slice mean sagittal image for annotators")
+    p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("info", help="read a CT file or DICOM folder and describe it")
     p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")

@@ -27,6 +27,8 @@ SAGITTAL_STEP_MM = 0.8
 SAGITTAL_SIZE = 512
 ANNOTATION_SLICES = 20
 CANDIDATE_SLICES = 10
+WINDOW_HU = (-150.0, 850.0)  # WL 350 / WW 1000 (paper §3.2)
+ANTERIOR_OF_CANAL_MM = 60.0  # the image centre lies this far in front of the canal (see sagittal_centre_yz)
 
 #: LPS directions of the sagittal grid's index axes: column → posterior, row → inferior, slice → right.
 COLUMN_DIRECTION = np.array([0.0, 1.0, 0.0])
@@ -114,6 +116,73 @@ class SagittalGeometry:
         img.SetOrigin(self.origin_lps)
         img.SetDirection(tuple(self.direction.flatten()))
         return img
+
+
+def sagittal_centre_yz(volume: CTVolume, canal_centres_lps: np.ndarray) -> tuple[float, float]:
+    """Where the sagittal image is centred (LPS y, z in mm): the paper's centre crop, made scanner-independent.
+
+    * y (anterior–posterior): 60 mm in front of the mean canal centre, so the 409.6 mm field of view spans
+      from 265 mm in front of the canal (any abdomen) to 145 mm behind it (back muscles and skin), whatever
+      the patient's position on the table.
+    * z (superior–inferior): the volume's centre when the scan is shorter than the field of view (nothing
+      is cropped); for longer scans (chest–abdomen–pelvis) 190 mm above the lowest canal centre, which keeps
+      the sacrum and the lumbar spine in view.
+
+    Args:
+        volume: the CT.
+        canal_centres_lps: ``(n, 3)`` canal centres (LPS mm) on the slices where the canal was found.
+    """
+    pts = np.asarray(canal_centres_lps, dtype=float)
+    y = float(pts[:, 1].mean()) - ANTERIOR_OF_CANAL_MM
+    nz, ny, nx = volume.shape
+    corners = volume.index_to_lps(np.array([[0, 0, 0], [nx - 1, ny - 1, nz - 1]], dtype=float))
+    z_lo, z_hi = float(corners[:, 2].min()), float(corners[:, 2].max())
+    fov = SAGITTAL_SIZE * SAGITTAL_PIXEL_MM
+    z = 0.5 * (z_lo + z_hi) if z_hi - z_lo <= fov else float(pts[:, 2].min()) + 190.0
+    return y, z
+
+
+def window_to_unit(hu: np.ndarray) -> np.ndarray:
+    """Network input (paper §3.2): window WL 350 / WW 1000, i.e. [-150, 850] HU, mapped linearly to [0, 1].
+
+    The min–max normalisation is taken over the window, not over each image, so a given HU gives the same
+    value in every scan; pixels outside the scan (−1024) become 0, which is the paper's zero padding.
+    """
+    lo, hi = WINDOW_HU
+    return np.clip((np.asarray(hu, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+@dataclass
+class SagittalImages:
+    """The images the segmentation network and the annotators work on.
+
+    Attributes:
+        candidates_hu: float32 ``(10, 512, 512)`` HU, the 10 consecutive sagittal slices containing the
+            canal's mean centre (segmentation candidates).
+        candidate_geometry: their grid (slice k of the stack ↔ ``candidate_geometry`` slice k).
+        annotation_hu: float32 ``(512, 512)`` HU, the mean of the 20 consecutive slices (annotation image).
+        annotation_geometry: single-slice grid of the annotation image (the slab's central plane).
+    """
+
+    candidates_hu: np.ndarray
+    candidate_geometry: SagittalGeometry
+    annotation_hu: np.ndarray
+    annotation_geometry: SagittalGeometry
+
+    def network_input(self) -> np.ndarray:
+        """float32 ``(10, 1, 512, 512)`` in [0, 1]: the windowed candidates, one batch for the R2U-Net."""
+        return window_to_unit(self.candidates_hu)[:, None]
+
+
+def sagittal_images(volume: CTVolume, sagittal_x_lps: float, centre_yz_lps: tuple[float, float]) -> SagittalImages:
+    """Candidates (10 slices) and annotation image (mean of 20) through the plane x = ``sagittal_x_lps``."""
+    cand_geom = sagittal_geometry(volume, sagittal_x_lps, CANDIDATE_SLICES, centre_yz_lps)
+    ann_geom = sagittal_geometry(volume, sagittal_x_lps, ANNOTATION_SLICES, centre_yz_lps)
+    crop = crop_to_geometry(volume, ann_geom)  # the 16 mm slab contains the 8 mm candidate slab
+    img = crop.to_sitk(np.float32)
+    candidates = resample_to_sagittal(img, cand_geom)
+    annotation = resample_to_sagittal(img, ann_geom).mean(axis=0)
+    return SagittalImages(candidates, cand_geom, annotation, ann_geom.central_plane())
 
 
 def sagittal_geometry(

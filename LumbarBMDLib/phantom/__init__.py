@@ -43,7 +43,13 @@ from LumbarBMDLib.phantom.render import (
     trabecular_hu,
 )
 from LumbarBMDLib.phantom.scanner import SCANNERS, scanner_profile
-from LumbarBMDLib.sagittal import ANNOTATION_SLICES, mean_sagittal_image, sagittal_geometry, sagittal_label_image
+from LumbarBMDLib.sagittal import (
+    ANNOTATION_SLICES,
+    mean_sagittal_image,
+    sagittal_centre_yz,
+    sagittal_geometry,
+    sagittal_label_image,
+)
 from LumbarBMDLib.volume import CTVolume, write_image
 
 VARIANTS = ("none", "fracture", "implant", "partial-L1", "partial-L4", "six-lumbar", "contrast", "low-dose",
@@ -200,7 +206,7 @@ def generate_case(seed: int, vendor: str = "A", size: str = "full", variant: str
     canal = _canal_truth(rendered)
     canal_pts = np.array(list(canal.values()))
     sag_x = float(canal_pts[:, 0].mean())
-    geom = sagittal_geometry(ct, sag_x, ANNOTATION_SLICES)
+    geom = sagittal_geometry(ct, sag_x, ANNOTATION_SLICES, sagittal_centre_yz(ct, canal_pts))
     ann_image = mean_sagittal_image(ct, geom)
     ann_labels = sagittal_label_image(CTVolume(hu=labels, spacing=grid.spacing, origin=grid.origin), geom)
     timings["annotation"] = time.perf_counter() - t

@@ -545,7 +545,7 @@ def render_vertebra(hu, labels, tissue, vert: Vertebra, grid: Grid, scanner: Sca
         ellipse_distance(u, dv, cw + lam, cd + lam),
         -ellipse_distance(u, dv, cw, cd),
         -0.3 * cd - dv,
-        np.abs(w + 2.0) - 0.45 * vert.height,
+        np.abs(w + 0.5) - 0.47 * vert.height,  # spans the pedicle levels (pedicle–lamina junction)
     ]))
     # articular processes (facets), reaching into the level above and below
     for side in (-1.0, 1.0):

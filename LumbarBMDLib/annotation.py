@@ -1,0 +1,142 @@
+"""The annotator's images from a CT: canal → sagittal plane → 10 candidates and the 20-slice mean image.
+
+``lumbarbmd annotate INPUT --out DIR`` writes, atomically (a temporary folder whose files are moved into
+DIR at the end, so a failure leaves nothing half-written):
+
+* ``annotation_image.nii.gz``: float32 HU, the mean of 20 consecutive sagittal slices through the canal
+  (one slice; its geometry overlays the CT in Slicer or ITK-SNAP). Annotators draw L1–L4 on it.
+* ``candidates.nii.gz``: float32 HU, the 10 consecutive sagittal slices containing the mean canal centre
+  (the segmentation network's candidates), as a 10-slice volume with its geometry.
+* ``canal.json``: the canal centre per axial slice where it was found (LPS mm), the mean centre, the
+  sagittal position, the number of slices found, the lateral drift, and the sagittal grid.
+* ``annotation_preview.png``: the annotation image and an axial slice with the detected centres.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from LumbarBMDLib.canal import CanalResult, find_canal
+from LumbarBMDLib.sagittal import (
+    ANNOTATION_SLICES,
+    CANDIDATE_SLICES,
+    SAGITTAL_PIXEL_MM,
+    SAGITTAL_STEP_MM,
+    SagittalImages,
+    sagittal_centre_yz,
+    sagittal_images,
+)
+from LumbarBMDLib.volume import CTVolume, read_ct, write_image
+
+ANNOTATION_FILES = ("annotation_image.nii.gz", "candidates.nii.gz", "canal.json", "annotation_preview.png")
+
+
+@dataclass
+class Annotation:
+    """A CT prepared for annotation (and for the segmentation network)."""
+
+    volume: CTVolume
+    canal: CanalResult
+    images: SagittalImages
+    timings_s: dict = field(default_factory=dict)
+
+    def canal_json(self) -> dict:
+        """canal.json: DESIGN.md's contract plus the sagittal grid and timings."""
+        out = {"input": self.volume.source, **self.canal.as_json()}
+        ann, cand = self.images.annotation_geometry, self.images.candidate_geometry
+        out["sagittal"] = {
+            "pixel_mm": SAGITTAL_PIXEL_MM,
+            "step_mm": SAGITTAL_STEP_MM,
+            "size": ann.size,
+            "annotation_slices": ANNOTATION_SLICES,
+            "candidate_slices": CANDIDATE_SLICES,
+            "annotation_affine_lps": np.round(ann.affine, 6).tolist(),
+            "candidates_affine_lps": np.round(cand.affine, 6).tolist(),
+        }
+        out["timings_s"] = {k: round(v, 3) for k, v in self.timings_s.items()}
+        return out
+
+
+def prepare(volume: CTVolume) -> Annotation:
+    """Canal detection and the sagittal images of a CT (no files written)."""
+    t0 = time.perf_counter()
+    canal = find_canal(volume)
+    t1 = time.perf_counter()
+    images = sagittal_images(volume, canal.sagittal_x_lps, sagittal_centre_yz(volume, canal.centres_lps))
+    t2 = time.perf_counter()
+    return Annotation(volume, canal, images, {"canal": t1 - t0, "sagittal": t2 - t1})
+
+
+def _preview(ann: Annotation, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from LumbarBMDLib.figures import WINDOW_HU
+
+    vol, canal, images = ann.volume, ann.canal, ann.images
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
+    axes[0].imshow(images.annotation_hu, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1])
+    px = images.annotation_geometry.lps_to_pixel(canal.centres_lps)
+    axes[0].plot(px[:, 0], px[:, 1], ".", color=(1.0, 0.8, 0.0), ms=3, label="canal centres (projected)")
+    axes[0].legend(loc="lower left", fontsize=8)
+    axes[0].set_title(f"annotation image: mean of {ANNOTATION_SLICES} sagittal slices at x = "
+                      f"{canal.sagittal_x_lps:.1f} mm")
+    mid = len(canal.slice_indices) // 2
+    k = int(canal.slice_indices[mid])
+    axes[1].imshow(vol.hu[k], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1],
+                   aspect=vol.spacing[1] / vol.spacing[0])
+    ijk = vol.lps_to_index(canal.centres_lps[mid])
+    axes[1].plot([ijk[0]], [ijk[1]], "+", color=(1.0, 0.8, 0.0), ms=14, mew=2)
+    line = vol.lps_to_index(np.array([[canal.sagittal_x_lps, -500.0, canal.centres_lps[mid][2]],
+                                      [canal.sagittal_x_lps, 500.0, canal.centres_lps[mid][2]]]))
+    axes[1].plot(line[:, 0], line[:, 1], "--", color=(0.3, 0.8, 1.0), lw=1, label="sagittal plane")
+    axes[1].set_xlim(0, vol.shape[2] - 1)
+    axes[1].set_ylim(vol.shape[1] - 1, 0)
+    axes[1].legend(loc="lower left", fontsize=8)
+    axes[1].set_title(f"axial slice {k}: detected canal centre")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_annotation(ann: Annotation, out_dir: str | Path) -> Path:
+    """Write the annotation files into ``out_dir`` atomically; returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".annotate.", dir=out_dir))
+    try:
+        images = ann.images
+        write_image(images.annotation_geometry.to_sitk(images.annotation_hu.astype(np.float32)),
+                    tmp / "annotation_image.nii.gz")
+        write_image(images.candidate_geometry.to_sitk(images.candidates_hu.astype(np.float32)),
+                    tmp / "candidates.nii.gz")
+        (tmp / "canal.json").write_text(json.dumps(ann.canal_json(), indent=1))
+        _preview(ann, tmp / "annotation_preview.png")
+        for name in ANNOTATION_FILES:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def annotate(input_path: str | Path, out_dir: str | Path) -> Annotation:
+    """Read a CT file or DICOM folder, prepare the annotation images and write them to ``out_dir``."""
+    t0 = time.perf_counter()
+    volume = read_ct(input_path)
+    load = time.perf_counter() - t0
+    ann = prepare(volume)
+    ann.timings_s = {"load": load, **ann.timings_s}
+    write_annotation(ann, out_dir)
+    return ann

@@ -1,0 +1,359 @@
+"""Canal-centre detection on the axial slices (paper §3.1).
+
+Per axial slice: threshold at 150 HU (bone), morphological closing, NOT, background removal (drop the
+regions that touch the image border): what remains are the regions enclosed by bone. Then 3-D denoising
+keeps the vertebral foramen only: the chain of enclosed regions that forms a continuous, roughly vertical
+tube through many slices. Bowel gas and vessels are never enclosed by bone; the marrow of osteoporotic
+vertebral bodies, renal sinus fat inside enhancing kidneys, holes in the pelvis or ribs are enclosed but
+either too large, off the tube, or form a much shorter chain than the canal, which runs the whole length
+of the spine in view.
+
+Speed: the bone mask is max-pooled 2 × 2 in-plane before the morphology (the thin cortex survives a
+max-pool, so rings stay closed), which makes a 512 × 512 × 400 volume a 256 × 256 × 400 problem.
+
+The canal is enclosed by bone only at the pedicle levels (roughly 40 % of the slices; at the discs the
+intervertebral foramina open it). Centres are reported where it was found; :attr:`CanalResult.
+interpolated_centres_lps` fills the slices in between along the tube for users that need every slice.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.volume import CTVolume
+
+BONE_THRESHOLD_HU = 150.0
+CLOSING_RADIUS_MM = 2.5
+MIN_AREA_MM2 = 40.0  # smallest plausible lumbar/thoracic canal cross-section is ≈ 100 mm²
+MAX_AREA_MM2 = 700.0  # lumbar canal ≈ 200–450 mm²; a vertebral body's marrow ≈ 800–1600 mm²
+MIN_FILL = 0.45  # area / bounding-box area: rejects thin crescents and irregular gaps
+MAX_WIDTH_MM = 33.0  # interpedicular canal width is 21–30 mm; a vertebral body's marrow is 38–48 mm wide, which
+# separates the two even when severe osteoporosis makes the marrow as dark as the canal
+MAX_MEAN_HU = 60.0  # canal contents (CSF 0–15 HU, epidural fat ≈ −80 HU) vs marrow of even osteoporotic bone
+SOFT_MAX_HU = 100.0  # enclosed pixels above this are marrow, not canal: cuts the canal from a vertebral body's
+# marrow where the thin posterior wall of the body drops below 150 HU (common at 2–3 mm slices)
+MAX_LINK_MM = 3.0  # largest in-plane step between linked slices ...
+LINK_SLOPE = 0.45  # ... plus this much per mm of z (the canal's tilt; tan 24°)
+OUTLIER_MM = 7.0  # a centre this far from the running median of its neighbours is dropped
+PARTIAL_AREA = 0.75  # a foramen smaller than this × the running median area is only partly enclosed (endplates)
+MAX_GAP_MM = 45.0  # longest run without a closed ring: one vertebral pitch (on 3 mm slices the ring may close
+# on a single slice per vertebra)
+MIN_CHAIN_MM = 40.0  # a canal shorter than this is not trusted
+MIN_FOUND_SLICES = 5
+
+
+@dataclass
+class CanalResult:
+    """Where the spinal canal is.
+
+    Attributes:
+        centres_lps: ``(n, 3)`` canal centres (LPS mm), one per axial slice where the canal was found.
+        slice_indices: ``(n,)`` axial slice index ``k`` of each centre.
+        areas_mm2: ``(n,)`` cross-section area of the enclosed foramen (mm²).
+        mean_centre_lps: mean of the centres (LPS mm); its x is the sagittal position.
+        interpolated_centres_lps: ``(m, 3)`` centres on every slice from the lowest to the highest found
+            slice, linearly interpolated between found slices.
+        interpolated_slice_indices: ``(m,)`` their slice indices.
+        drift_mm: lateral (x) range of the found centres (mm): how far the canal leaves the single
+            sagittal plane (scoliosis).
+    """
+
+    centres_lps: np.ndarray
+    slice_indices: np.ndarray
+    areas_mm2: np.ndarray
+    mean_centre_lps: np.ndarray
+    interpolated_centres_lps: np.ndarray = field(repr=False)
+    interpolated_slice_indices: np.ndarray = field(repr=False)
+    drift_mm: float = 0.0
+
+    @property
+    def sagittal_x_lps(self) -> float:
+        """LPS x (mm) of the sagittal plane through the mean canal centre."""
+        return float(self.mean_centre_lps[0])
+
+    def as_json(self) -> dict:
+        """The canal.json object (DESIGN.md contract, plus extra fields)."""
+        return {
+            "centres_lps": np.round(self.centres_lps, 3).tolist(),
+            "mean_centre_lps": np.round(self.mean_centre_lps, 3).tolist(),
+            "sagittal_x_lps": round(self.sagittal_x_lps, 3),
+            "slices_found": len(self.slice_indices),
+            "slice_indices": self.slice_indices.astype(int).tolist(),
+            "areas_mm2": np.round(self.areas_mm2, 1).tolist(),
+            "drift_x_mm": round(float(self.drift_mm), 2),
+        }
+
+
+def bone_mask(hu: np.ndarray, pool: int) -> np.ndarray:
+    """Threshold at 150 HU after max-pooling ``pool × pool`` in-plane: bool ``(nz, ny // pool, nx // pool)``.
+
+    Max-pooling the HU before the threshold equals pooling the thresholded mask ("any bone in the block").
+    """
+    _, ny, nx = hu.shape
+    ny2, nx2 = ny // pool * pool, nx // pool * pool
+    pooled = hu[:, :ny2:pool, :nx2:pool]
+    for dj in range(pool):
+        for di in range(pool):
+            if dj or di:
+                pooled = np.maximum(pooled, hu[:, dj:ny2:pool, di:nx2:pool])
+    return pooled > BONE_THRESHOLD_HU
+
+
+_IN_PLANE = np.array([[[0] * 3] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0] * 3] * 3])  # slices independent
+
+
+def enclosed_regions(bone: np.ndarray, closing_px: int, workers: int = 2) -> np.ndarray:
+    """Per slice: closing, NOT, background removal → bool mask of regions enclosed by bone, same shape.
+
+    Slices are independent, so chunks of slices run in parallel threads (scipy.ndimage releases the GIL).
+    """
+    bounds = np.linspace(0, bone.shape[0], 2 * workers + 1).astype(int)
+    out = np.empty_like(bone)
+
+    def run(i: int) -> None:
+        out[bounds[i] : bounds[i + 1]] = _enclosed_chunk(bone[bounds[i] : bounds[i + 1]], closing_px)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(run, range(len(bounds) - 1)))
+    return out
+
+
+def _enclosed_chunk(bone: np.ndarray, closing_px: int) -> np.ndarray:
+    if bone.shape[0] == 0:
+        return bone.copy()
+    pad = closing_px + 1
+    padded = np.pad(bone, ((0, 0), (pad, pad), (pad, pad)))
+    closed = ndimage.binary_closing(padded, structure=_disk(closing_px)[None])[:, pad:-pad, pad:-pad]
+    labels, _ = ndimage.label(~closed, structure=_IN_PLANE)
+    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(),
+                                       labels[:, :, -1].ravel()]))
+    keep = np.ones(labels.max() + 1, bool)
+    keep[border] = False
+    keep[0] = False
+    return keep[labels]
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = max(int(radius), 1)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (xx**2 + yy**2) <= r * r + 0.5
+
+
+@dataclass
+class _Candidates:
+    k: np.ndarray  # slice index
+    xy: np.ndarray  # (n, 2) centroid in mm, in-plane physical offsets from voxel (0, 0)
+    ij: np.ndarray  # (n, 2) centroid in full-resolution (i, j) index units
+    area: np.ndarray  # mm²
+    label: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # label id in ``labels``
+    labels: np.ndarray | None = None  # the (pooled) label volume of the enclosed regions
+
+
+def candidate_regions(
+    enclosed: np.ndarray, hu_pooled: np.ndarray, spacing_xy_mm: tuple[float, float], pool: int
+) -> _Candidates:
+    """Connected enclosed regions per slice with plausible canal size, shape and content (mean HU)."""
+    labels, n = ndimage.label(enclosed, structure=_IN_PLANE)
+    if n == 0:
+        return _Candidates(np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), np.zeros(0, int), labels)
+    idx = np.arange(1, n + 1)
+    kk, jj, ii = np.nonzero(labels)
+    lab = labels[kk, jj, ii]
+    counts = np.bincount(lab, minlength=n + 1)[1:]
+    mean_j = np.bincount(lab, weights=jj, minlength=n + 1)[1:] / np.maximum(counts, 1)
+    mean_i = np.bincount(lab, weights=ii, minlength=n + 1)[1:] / np.maximum(counts, 1)
+    k = np.bincount(lab, weights=kk, minlength=n + 1)[1:] / np.maximum(counts, 1)
+    mean_hu = np.bincount(lab, weights=hu_pooled[kk, jj, ii], minlength=n + 1)[1:] / np.maximum(counts, 1)
+    objects = ndimage.find_objects(labels)
+    bbox_area = np.array([(o[1].stop - o[1].start) * (o[2].stop - o[2].start) for o in objects], float)
+    width_mm = np.array([o[2].stop - o[2].start for o in objects], float) * spacing_xy_mm[0] * pool
+    px_area = spacing_xy_mm[0] * spacing_xy_mm[1] * pool * pool
+    area = counts * px_area
+    fill = counts / np.maximum(bbox_area, 1.0)
+    ok = (area >= MIN_AREA_MM2) & (area <= MAX_AREA_MM2) & (fill >= MIN_FILL) & (mean_hu <= MAX_MEAN_HU)
+    ok &= width_mm <= MAX_WIDTH_MM
+    # centroid of a pooled pixel p covers full-resolution pixels p*pool … p*pool+pool-1
+    ci = (mean_i + 0.5) * pool - 0.5
+    cj = (mean_j + 0.5) * pool - 0.5
+    sel = idx[ok] - 1
+    return _Candidates(
+        k=np.rint(k[sel]).astype(int),
+        xy=np.c_[ci[sel] * spacing_xy_mm[0], cj[sel] * spacing_xy_mm[1]],
+        ij=np.c_[ci[sel], cj[sel]],
+        area=area[sel],
+        label=idx[ok],
+        labels=labels,
+    )
+
+
+def refine_centre(hu: np.ndarray, c: _Candidates, m: int, pool: int) -> np.ndarray:
+    """Centroid (i, j) at full resolution of candidate ``m``: the non-bone pixels (≤ 150 HU) inside its pooled
+    region dilated by one full-resolution pixel. Removes the half-pooled-pixel bias of the pooled centroid."""
+    k = int(c.k[m])
+    region = c.labels[k] == c.label[m]
+    if pool == 1:
+        jj, ii = np.nonzero(region)
+        return np.array([ii.mean(), jj.mean()])
+    js, is_ = np.nonzero(region)
+    j0, j1, i0, i1 = js.min(), js.max() + 1, is_.min(), is_.max() + 1
+    up = np.kron(region[j0:j1, i0:i1], np.ones((pool, pool), bool))
+    up = ndimage.binary_dilation(np.pad(up, 1), iterations=1)
+    fj0, fi0 = j0 * pool - 1, i0 * pool - 1
+    ny, nx = hu.shape[1:]
+    sj0, si0 = max(fj0, 0), max(fi0, 0)
+    sj1, si1 = min(fj0 + up.shape[0], ny), min(fi0 + up.shape[1], nx)
+    up = up[sj0 - fj0 : sj1 - fj0, si0 - fi0 : si1 - fi0]
+    sel = up & (hu[k, sj0:sj1, si0:si1] <= BONE_THRESHOLD_HU)
+    if sel.sum() < 4:
+        return c.ij[m]
+    jj, ii = np.nonzero(sel)
+    return np.array([ii.mean() + si0, jj.mean() + sj0])
+
+
+def longest_tube(c: _Candidates, spacing_z_mm: float) -> np.ndarray:
+    """Indices of the candidates forming the longest vertical chain (3-D denoising).
+
+    Dynamic programming over candidates sorted by slice: a candidate links to one on a lower slice when
+    the in-plane step is at most ``MAX_LINK_MM`` + ``LINK_SLOPE`` × the z distance and the z gap at most
+    ``MAX_GAP_MM``. The score is the z extent covered plus one per found slice, minus half a point per mm
+    of in-plane step; the best chain is traced back. A chain does not jump from the canal into the marrow
+    of a vertebral body ~20 mm in front of it.
+    """
+    order = np.argsort(c.k, kind="stable")
+    k = c.k[order]
+    xy = c.xy[order]
+    n = len(k)
+    score = np.zeros(n)
+    prev = np.full(n, -1)
+    max_gap = max(1, int(np.ceil(MAX_GAP_MM / spacing_z_mm)))
+    start = 0
+    for m in range(n):
+        while k[start] < k[m] - max_gap:
+            start += 1
+        lo = start
+        hi = np.searchsorted(k, k[m], side="left")  # strictly lower slices
+        best = 1.0
+        if hi > lo:
+            dz = (k[m] - k[lo:hi]) * spacing_z_mm
+            step = np.hypot(*(xy[m] - xy[lo:hi]).T)
+            ok = step <= MAX_LINK_MM + LINK_SLOPE * dz
+            if ok.any():
+                cand = score[lo:hi] + dz + 1.0 - 0.5 * step
+                cand[~ok] = -np.inf
+                j = int(np.argmax(cand))
+                if cand[j] > best:
+                    best = cand[j]
+                    prev[m] = lo + j
+        score[m] = best
+    end = int(np.argmax(score)) if n else -1
+    chain = []
+    while end >= 0:
+        chain.append(end)
+        end = prev[end]
+    return order[np.array(chain[::-1], dtype=int)] if chain else np.zeros(0, int)
+
+
+def consistent_segments(chain: np.ndarray, c: _Candidates, spacing_z_mm: float) -> np.ndarray:
+    """Keep the part of a chain that forms one smooth tube.
+
+    The chain is split where consecutive members step more than 4 mm + 0.35 × dz in-plane. Starting
+    from the longest segment (z extent), neighbouring segments are added while their near end lies within
+    5 mm + 0.35 × dz of the straight-line extrapolation of the kept tube's end (fitted over its last
+    30 mm); the others are dropped. This removes runs where the chain followed a parallel structure (holes
+    between metal streaks, a vertebral body's marrow) for a while.
+    """
+    if len(chain) < 3:
+        return chain
+    k, xy = c.k[chain], c.xy[chain]
+    z = k * spacing_z_mm
+    step = np.hypot(*np.diff(xy, axis=0).T)
+    breaks = np.flatnonzero(step > 4.0 + 0.35 * np.diff(z)) + 1
+    segs = np.split(np.arange(len(chain)), breaks)
+    best = int(np.argmax([z[s_[-1]] - z[s_[0]] + 0.01 * len(s_) for s_ in segs]))
+    kept = list(segs[best])
+    for direction in (-1, 1):  # below, then above
+        i = best + direction
+        while 0 <= i < len(segs):
+            seg = segs[i]
+            end = kept[0] if direction < 0 else kept[-1]
+            near = [m for m in kept if abs(z[m] - z[end]) <= 30.0]
+            if len(near) >= 2:
+                coef = np.polyfit(z[near], xy[near], 1)
+                target_z = z[seg[-1]] if direction < 0 else z[seg[0]]
+                pred = coef[0] * target_z + coef[1]
+            else:
+                target_z = z[seg[-1]] if direction < 0 else z[seg[0]]
+                pred = xy[end]
+            probe = seg[-1] if direction < 0 else seg[0]
+            dz = abs(target_z - z[end])
+            if np.hypot(*(xy[probe] - pred)) <= 5.0 + 0.35 * dz:
+                kept = list(seg) + kept if direction < 0 else kept + list(seg)
+            i += direction
+    return chain[np.array(sorted(kept))]
+
+
+def drop_outliers(chain: np.ndarray, c: _Candidates, spacing_z_mm: float, window_mm: float = 30.0) -> np.ndarray:
+    """Drop chain members farther than ``OUTLIER_MM`` in-plane from the median of their ±``window_mm``
+    neighbours, and partly enclosed foramina (area below ``PARTIAL_AREA`` × the neighbours' median): near the
+    endplates the bone closes only the front of the canal and that region's centroid lies ~2 mm anterior."""
+    k, xy, area = c.k[chain], c.xy[chain], c.area[chain]
+    keep = np.ones(len(chain), bool)
+    half = window_mm / spacing_z_mm
+    for m in range(len(chain)):
+        near = np.abs(k - k[m]) <= half
+        if near.sum() >= 3:
+            keep[m] = (np.hypot(*(xy[m] - np.median(xy[near], axis=0))) <= OUTLIER_MM) and (
+                area[m] >= PARTIAL_AREA * np.median(area[near]))
+    return chain[keep]
+
+
+def find_canal(volume: CTVolume) -> CanalResult:
+    """Detect the canal centre on every axial slice where the vertebral foramen is enclosed by bone.
+
+    Args:
+        volume: CT in HU, axial LPS (as returned by :func:`LumbarBMDLib.volume.read_ct`).
+
+    Raises:
+        LumbarBMDError: when no canal-like tube is found (not an abdomen/spine CT, no spine in view).
+    """
+    sx, sy, sz = volume.spacing
+    pool = 2 if min(sx, sy) < 1.2 else 1
+    bone = bone_mask(volume.hu, pool)
+    closing_px = max(1, round(CLOSING_RADIUS_MM / (min(sx, sy) * pool)))
+    enclosed = enclosed_regions(bone, closing_px)
+    hu_pooled = volume.hu[:, : enclosed.shape[1] * pool : pool, : enclosed.shape[2] * pool : pool]
+    enclosed &= hu_pooled < SOFT_MAX_HU
+    cands = candidate_regions(enclosed, hu_pooled, (sx, sy), pool)
+    chain = longest_tube(cands, sz) if len(cands.k) else np.zeros(0, int)
+    if len(chain):
+        ks = cands.k[chain]
+        extent = (ks.max() - ks.min()) * sz
+    else:
+        extent = 0.0
+    if len(chain) < MIN_FOUND_SLICES or extent < MIN_CHAIN_MM:
+        raise LumbarBMDError(
+            "no spinal canal found: is this a CT of the abdomen or lumbar spine? "
+            f"(a bone-enclosed canal was traced over {extent:.0f} mm; at least {MIN_CHAIN_MM:.0f} mm are needed)"
+        )
+    chain = drop_outliers(consistent_segments(chain, cands, sz), cands, sz)
+    ks = cands.k[chain]
+    ij = np.array([refine_centre(volume.hu, cands, m, pool) for m in chain])
+    ijk = np.c_[ij, ks.astype(float)]
+    areas = cands.area[chain]
+    centres = volume.index_to_lps(ijk)
+    all_k = np.arange(ks.min(), ks.max() + 1)
+    interp_ijk = np.c_[np.interp(all_k, ks, ijk[:, 0]), np.interp(all_k, ks, ijk[:, 1]), all_k.astype(float)]
+    return CanalResult(
+        centres_lps=centres,
+        slice_indices=ks,
+        areas_mm2=areas,
+        mean_centre_lps=centres.mean(axis=0),
+        interpolated_centres_lps=volume.index_to_lps(interp_ijk),
+        interpolated_slice_indices=all_k,
+        drift_mm=float(np.ptp(centres[:, 0])),
+    )
