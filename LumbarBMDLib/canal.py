@@ -38,9 +38,11 @@ MAX_MEAN_HU = 60.0  # canal contents (CSF 0–15 HU, epidural fat ≈ −80 HU) 
 SOFT_MAX_HU = 100.0  # enclosed pixels above this are marrow, not canal: cuts the canal from a vertebral body's
 # marrow where the thin posterior wall of the body drops below 150 HU (common at 2–3 mm slices)
 MAX_LINK_MM = 3.0  # largest in-plane step between linked slices ...
-LINK_SLOPE = 0.45  # ... plus this much per mm of z (the canal's tilt; tan 24°)
+LINK_SLOPE = 0.45  # ... plus this much per mm of z front-to-back (the canal's lordotic tilt; tan 24°) ...
+LINK_SLOPE_X = 0.2  # ... and this much per mm of z sideways (scoliosis moves the canal far less than lordosis)
 OUTLIER_MM = 7.0  # a centre this far from the running median of its neighbours is dropped
 PARTIAL_AREA = 0.75  # a foramen smaller than this × the running median area is only partly enclosed (endplates)
+MIN_BODY_FRACTION = 0.04  # bone fraction of the box in front of the canal (a vertebral body's cortex and marrow)
 MAX_GAP_MM = 45.0  # longest run without a closed ring: one vertebral pitch (on 3 mm slices the ring may close
 # on a single slice per vertebra)
 MIN_CHAIN_MM = 40.0  # a canal shorter than this is not trusted
@@ -155,9 +157,12 @@ class _Candidates:
 
 
 def candidate_regions(
-    enclosed: np.ndarray, hu_pooled: np.ndarray, spacing_xy_mm: tuple[float, float], pool: int
+    enclosed: np.ndarray, hu_pooled: np.ndarray, spacing_xy_mm: tuple[float, float], pool: int,
+    bone: np.ndarray | None = None,
 ) -> _Candidates:
-    """Connected enclosed regions per slice with plausible canal size, shape and content (mean HU)."""
+    """Connected enclosed regions per slice with plausible canal size, shape and content (mean HU), and, when
+    ``bone`` (the pooled bone mask) is given, with a vertebral body in front: at least ``MIN_BODY_FRACTION`` of
+    bone in the box 8–50 mm anterior and ±15 mm lateral of the region's centroid."""
     labels, n = ndimage.label(enclosed, structure=_IN_PLANE)
     if n == 0:
         return _Candidates(np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), np.zeros(0, int), labels)
@@ -180,6 +185,13 @@ def candidate_regions(
     # centroid of a pooled pixel p covers full-resolution pixels p*pool … p*pool+pool-1
     ci = (mean_i + 0.5) * pool - 0.5
     cj = (mean_j + 0.5) * pool - 0.5
+    if bone is not None:
+        px_x, px_y = spacing_xy_mm[0] * pool, spacing_xy_mm[1] * pool
+        for m in np.flatnonzero(ok):
+            kk_, j0, j1 = round(float(k[m])), int(mean_j[m] - 50.0 / px_y), int(mean_j[m] - 8.0 / px_y)
+            i0, i1 = int(mean_i[m] - 15.0 / px_x), int(mean_i[m] + 15.0 / px_x) + 1
+            box = bone[kk_, max(j0, 0) : max(j1, 0), max(i0, 0) : max(i1, 0)]
+            ok[m] = box.size > 0 and box.mean() >= MIN_BODY_FRACTION
     sel = idx[ok] - 1
     return _Candidates(
         k=np.rint(k[sel]).astype(int),
@@ -219,7 +231,8 @@ def longest_tube(c: _Candidates, spacing_z_mm: float) -> np.ndarray:
     """Indices of the candidates forming the longest vertical chain (3-D denoising).
 
     Dynamic programming over candidates sorted by slice: a candidate links to one on a lower slice when
-    the in-plane step is at most ``MAX_LINK_MM`` + ``LINK_SLOPE`` × the z distance and the z gap at most
+    the step is at most ``MAX_LINK_MM`` + ``LINK_SLOPE`` × the z distance front-to-back (``LINK_SLOPE_X``
+    sideways) and the z gap at most
     ``MAX_GAP_MM``. The score is the z extent covered plus one per found slice, minus half a point per mm
     of in-plane step; the best chain is traced back. A chain does not jump from the canal into the marrow
     of a vertebral body ~20 mm in front of it.
@@ -240,8 +253,9 @@ def longest_tube(c: _Candidates, spacing_z_mm: float) -> np.ndarray:
         best = 1.0
         if hi > lo:
             dz = (k[m] - k[lo:hi]) * spacing_z_mm
-            step = np.hypot(*(xy[m] - xy[lo:hi]).T)
-            ok = step <= MAX_LINK_MM + LINK_SLOPE * dz
+            dx, dy = np.abs(xy[m] - xy[lo:hi]).T
+            step = np.hypot(dx, dy)
+            ok = (dy <= MAX_LINK_MM + LINK_SLOPE * dz) & (dx <= MAX_LINK_MM + LINK_SLOPE_X * dz)
             if ok.any():
                 cand = score[lo:hi] + dz + 1.0 - 0.5 * step
                 cand[~ok] = -np.inf
@@ -261,20 +275,23 @@ def longest_tube(c: _Candidates, spacing_z_mm: float) -> np.ndarray:
 def consistent_segments(chain: np.ndarray, c: _Candidates, spacing_z_mm: float) -> np.ndarray:
     """Keep the part of a chain that forms one smooth tube.
 
-    The chain is split where consecutive members step more than 4 mm + 0.35 × dz in-plane. Starting
-    from the longest segment (z extent), neighbouring segments are added while their near end lies within
-    5 mm + 0.35 × dz of the straight-line extrapolation of the kept tube's end (fitted over its last
-    30 mm); the others are dropped. This removes runs where the chain followed a parallel structure (holes
-    between metal streaks, a vertebral body's marrow) for a while.
+    The chain is split where consecutive members step more than 4 mm + 0.35 × dz front-to-back or
+    3 mm + 0.15 × dz sideways. Starting from the best segment (number of slices + z extent / 30 mm),
+    neighbouring segments are added while their near end lies within 5 mm + 0.35 × dz front-to-back
+    (3 mm + 0.15 × dz sideways) of the straight-line extrapolation of the kept tube's end (fitted over
+    its last 30 mm); the others are dropped. This removes runs where the chain followed a parallel
+    structure for a while (holes between metal streaks, a vertebral body's marrow).
     """
     if len(chain) < 3:
         return chain
     k, xy = c.k[chain], c.xy[chain]
     z = k * spacing_z_mm
-    step = np.hypot(*np.diff(xy, axis=0).T)
-    breaks = np.flatnonzero(step > 4.0 + 0.35 * np.diff(z)) + 1
+    dx, dy = np.abs(np.diff(xy, axis=0)).T
+    dzs = np.diff(z)
+    breaks = np.flatnonzero((dy > 4.0 + 0.35 * dzs) | (dx > 3.0 + 0.15 * dzs)) + 1
     segs = np.split(np.arange(len(chain)), breaks)
-    best = int(np.argmax([z[s_[-1]] - z[s_[0]] + 0.01 * len(s_) for s_ in segs]))
+    # dense runs of found slices are canal; sparse far-apart hits are usually holes beside implants or ribs
+    best = int(np.argmax([len(s_) + (z[s_[-1]] - z[s_[0]]) / 30.0 for s_ in segs]))
     kept = list(segs[best])
     for direction in (-1, 1):  # below, then above
         i = best + direction
@@ -291,7 +308,8 @@ def consistent_segments(chain: np.ndarray, c: _Candidates, spacing_z_mm: float) 
                 pred = xy[end]
             probe = seg[-1] if direction < 0 else seg[0]
             dz = abs(target_z - z[end])
-            if np.hypot(*(xy[probe] - pred)) <= 5.0 + 0.35 * dz:
+            ex, ey = np.abs(xy[probe] - pred)
+            if ey <= 5.0 + 0.35 * dz and ex <= 3.0 + 0.15 * dz:
                 kept = list(seg) + kept if direction < 0 else kept + list(seg)
             i += direction
     return chain[np.array(sorted(kept))]
@@ -328,19 +346,17 @@ def find_canal(volume: CTVolume) -> CanalResult:
     enclosed = enclosed_regions(bone, closing_px)
     hu_pooled = volume.hu[:, : enclosed.shape[1] * pool : pool, : enclosed.shape[2] * pool : pool]
     enclosed &= hu_pooled < SOFT_MAX_HU
-    cands = candidate_regions(enclosed, hu_pooled, (sx, sy), pool)
+    cands = candidate_regions(enclosed, hu_pooled, (sx, sy), pool, bone)
     chain = longest_tube(cands, sz) if len(cands.k) else np.zeros(0, int)
     if len(chain):
-        ks = cands.k[chain]
-        extent = (ks.max() - ks.min()) * sz
-    else:
-        extent = 0.0
+        chain = drop_outliers(consistent_segments(chain, cands, sz), cands, sz)
+    extent = float(np.ptp(cands.k[chain]) * sz) if len(chain) else 0.0
     if len(chain) < MIN_FOUND_SLICES or extent < MIN_CHAIN_MM:
         raise LumbarBMDError(
             "no spinal canal found: is this a CT of the abdomen or lumbar spine? "
-            f"(a bone-enclosed canal was traced over {extent:.0f} mm; at least {MIN_CHAIN_MM:.0f} mm are needed)"
+            f"(a bone-enclosed canal was traced over {extent:.0f} mm in {len(chain)} slices; at least "
+            f"{MIN_CHAIN_MM:.0f} mm and {MIN_FOUND_SLICES} slices are needed)"
         )
-    chain = drop_outliers(consistent_segments(chain, cands, sz), cands, sz)
     ks = cands.k[chain]
     ij = np.array([refine_centre(volume.hu, cands, m, pool) for m in chain])
     ijk = np.c_[ij, ks.astype(float)]
