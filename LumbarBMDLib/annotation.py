@@ -75,7 +75,10 @@ def prepare(volume: CTVolume) -> Annotation:
     return Annotation(volume, canal, images, {"canal": t1 - t0, "sagittal": t2 - t1})
 
 
-def _preview(ann: Annotation, path: Path) -> None:
+def preview_png(ann: Annotation, path: str | Path) -> None:
+    """Three panels: the annotation image with the projected canal centres; an axial slice with the detected
+    centre and the sagittal plane; a coronal CT slice through the canal with the 16 mm slab the annotation
+    image averages (where it lies on the CT)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,26 +87,43 @@ def _preview(ann: Annotation, path: Path) -> None:
     from LumbarBMDLib.figures import WINDOW_HU
 
     vol, canal, images = ann.volume, ann.canal, ann.images
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.6))
     axes[0].imshow(images.annotation_hu, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1])
     px = images.annotation_geometry.lps_to_pixel(canal.centres_lps)
     axes[0].plot(px[:, 0], px[:, 1], ".", color=(1.0, 0.8, 0.0), ms=3, label="canal centres (projected)")
     axes[0].legend(loc="lower left", fontsize=8)
-    axes[0].set_title(f"annotation image: mean of {ANNOTATION_SLICES} sagittal slices at x = "
-                      f"{canal.sagittal_x_lps:.1f} mm")
+    axes[0].set_title(
+        f"annotation image: mean of {ANNOTATION_SLICES} sagittal slices at x = {canal.sagittal_x_lps:.1f} mm"
+    )
     mid = len(canal.slice_indices) // 2
     k = int(canal.slice_indices[mid])
-    axes[1].imshow(vol.hu[k], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1],
-                   aspect=vol.spacing[1] / vol.spacing[0])
+    axes[1].imshow(vol.hu[k], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=vol.spacing[1] / vol.spacing[0])
     ijk = vol.lps_to_index(canal.centres_lps[mid])
     axes[1].plot([ijk[0]], [ijk[1]], "+", color=(1.0, 0.8, 0.0), ms=14, mew=2)
-    line = vol.lps_to_index(np.array([[canal.sagittal_x_lps, -500.0, canal.centres_lps[mid][2]],
-                                      [canal.sagittal_x_lps, 500.0, canal.centres_lps[mid][2]]]))
+    line = vol.lps_to_index(
+        np.array(
+            [
+                [canal.sagittal_x_lps, -500.0, canal.centres_lps[mid][2]],
+                [canal.sagittal_x_lps, 500.0, canal.centres_lps[mid][2]],
+            ]
+        )
+    )
     axes[1].plot(line[:, 0], line[:, 1], "--", color=(0.3, 0.8, 1.0), lw=1, label="sagittal plane")
     axes[1].set_xlim(0, vol.shape[2] - 1)
     axes[1].set_ylim(vol.shape[1] - 1, 0)
     axes[1].legend(loc="lower left", fontsize=8)
     axes[1].set_title(f"axial slice {k}: detected canal centre")
+    # coronal slice of the CT through the mean canal centre, superior up, with the annotation slab's extent
+    j = int(np.clip(round(float(vol.lps_to_index(canal.mean_centre_lps)[1])), 0, vol.shape[1] - 1))
+    axes[2].imshow(vol.hu[:, j, :], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], origin="lower",
+                   aspect=vol.spacing[2] / vol.spacing[0])
+    half = (ANNOTATION_SLICES - 1) / 2.0 * SAGITTAL_STEP_MM
+    for dx in (-half, half):
+        edge = vol.lps_to_index([canal.sagittal_x_lps + dx, canal.mean_centre_lps[1], canal.mean_centre_lps[2]])
+        axes[2].axvline(edge[0], color=(0.3, 0.8, 1.0), lw=1, ls="--")
+    cij = vol.lps_to_index(canal.centres_lps)
+    axes[2].plot(cij[:, 0], cij[:, 2], ".", color=(1.0, 0.8, 0.0), ms=3)
+    axes[2].set_title("coronal CT: canal centres and the 16 mm slab")
     for ax in axes:
         ax.set_axis_off()
     fig.tight_layout()
@@ -118,12 +138,14 @@ def write_annotation(ann: Annotation, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".annotate.", dir=out_dir))
     try:
         images = ann.images
-        write_image(images.annotation_geometry.to_sitk(images.annotation_hu.astype(np.float32)),
-                    tmp / "annotation_image.nii.gz")
-        write_image(images.candidate_geometry.to_sitk(images.candidates_hu.astype(np.float32)),
-                    tmp / "candidates.nii.gz")
-        (tmp / "canal.json").write_text(json.dumps(ann.canal_json(), indent=1))
-        _preview(ann, tmp / "annotation_preview.png")
+        write_image(
+            images.annotation_geometry.to_sitk(images.annotation_hu.astype(np.float32)), tmp / "annotation_image.nii.gz"
+        )
+        write_image(
+            images.candidate_geometry.to_sitk(images.candidates_hu.astype(np.float32)), tmp / "candidates.nii.gz"
+        )
+        (tmp / "canal.json").write_text(json.dumps(ann.canal_json(), indent=1), encoding="utf-8")
+        preview_png(ann, tmp / "annotation_preview.png")
         for name in ANNOTATION_FILES:
             os.replace(tmp / name, out_dir / name)
     finally:

@@ -105,7 +105,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     c = ann.canal
     out = Path(args.out).resolve()
     print(f"canal found on {len(c.slice_indices)} axial slices "
-          f"(slices {int(c.slice_indices.min())}–{int(c.slice_indices.max())}), sagittal plane x = "
+          f"(slices {int(c.slice_indices.min())}-{int(c.slice_indices.max())}), sagittal plane x = "
           f"{c.sagittal_x_lps:.1f} mm (LPS), lateral drift {c.drift_mm:.1f} mm")
     if c.drift_mm > 10.0:
         print(f"note: the canal drifts {c.drift_mm:.0f} mm sideways (scoliosis?); one sagittal plane cuts the "
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal must not crash on a "–" or "³" in a message
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "cases", 1) < 1:

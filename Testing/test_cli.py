@@ -16,7 +16,12 @@ from LumbarBMDLib.volume import read_ct
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "LumbarBMDLib", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "LumbarBMDLib", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -59,7 +64,7 @@ def test_phantom_command_writes_cohort(tmp_path):
             "truth.json",
             "vertebrae.nii.gz",
         ]
-        truth = json.loads((case / "truth.json").read_text())
+        truth = json.loads((case / "truth.json").read_text(encoding="utf-8"))
         assert truth["variants"]["contrast"] is True
         assert abs(float(row["mean_bmd_mg_cm3"]) - truth["mean_bmd_mg_cm3"]) < 1e-6
         ct = read_ct(case / "ct.nii.gz")
@@ -74,7 +79,7 @@ def test_phantom_all_vendors_share_the_patient(tmp_path):
         "phantom", str(tmp_path), "--cases", "1", "--seed", "7", "--vendor", "all", "--size", "small", "--quiet"
     )
     assert out.returncode == 0, out.stderr
-    truths = [json.loads((tmp_path / f"{v}_000007" / "truth.json").read_text()) for v in "ABC"]
+    truths = [json.loads((tmp_path / f"{v}_000007" / "truth.json").read_text(encoding="utf-8")) for v in "ABC"]
     assert truths[0]["bmd_mg_cm3"] == truths[1]["bmd_mg_cm3"] == truths[2]["bmd_mg_cm3"]
     assert len(list(csv.DictReader((tmp_path / "cohort.csv").open()))) == 3
 
@@ -83,7 +88,7 @@ def test_demo_small(tmp_path):
     out = run_cli("demo", "--size", "small", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr
     case = tmp_path / "demo" / "A_002026"
-    truth = json.loads((case / "truth.json").read_text())
+    truth = json.loads((case / "truth.json").read_text(encoding="utf-8"))
     for level in ("L1", "L2", "L3", "L4"):
         line = next(x for x in out.stdout.splitlines() if x.startswith(level + " "))
         assert f"{truth['bmd_mg_cm3'][level]:.1f}" in line and truth["levels"][level]["category"] in line
@@ -108,7 +113,7 @@ def test_errors_are_one_line_and_exit_1(tmp_path):
     assert out.stderr.strip().startswith("lumbarbmd: error: file or folder not found")
     assert "Traceback" not in out.stderr
     bad = tmp_path / "notes.nii.gz"
-    bad.write_text("not an image")
+    bad.write_text("not an image", encoding="utf-8")
     out = run_cli("info", str(bad))
     assert out.returncode == 1 and "Traceback" not in out.stderr and "not an image" in out.stderr
 

@@ -550,7 +550,7 @@ def test_write_case_files(small_case, tmp_path):
         np.testing.assert_allclose(img.GetSpacing(), geom.spacing, atol=1e-6)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(img)[0], array)
 
-    truth = json.loads((folder / "truth.json").read_text())
+    truth = json.loads((folder / "truth.json").read_text(encoding="utf-8"))
     assert {"bmd_mg_cm3", "mean_bmd_mg_cm3", "category", "vendor", "seed"} <= set(truth)
     assert truth["bmd_mg_cm3"] == small_case.truth["bmd_mg_cm3"]
     assert (truth["vendor"], truth["seed"]) == ("A", SEED)
@@ -559,13 +559,13 @@ def test_write_case_files(small_case, tmp_path):
 def test_generate_cohort_writes_and_resumes(tmp_path):
     csv_path = generate_cohort(tmp_path, cases=3, seed=5, vendor="B", size="small", progress=False)
     assert csv_path == tmp_path / "cohort.csv"
-    with csv_path.open(newline="") as f:
+    with csv_path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COHORT_COLUMNS
         rows = list(reader)
     assert [r["case"] for r in rows] == ["B_000005", "B_000006", "B_000007"]
     for r in rows:
-        truth = json.loads((tmp_path / r["case"] / "truth.json").read_text())
+        truth = json.loads((tmp_path / r["case"] / "truth.json").read_text(encoding="utf-8"))
         assert r["vendor"] == "B" and r["size"] == "small"
         assert float(r["mean_bmd_mg_cm3"]) == pytest.approx(truth["mean_bmd_mg_cm3"])
         assert r["category"] == truth["category"]
@@ -576,7 +576,7 @@ def test_generate_cohort_writes_and_resumes(tmp_path):
     generate_cohort(tmp_path, cases=3, seed=5, vendor="B", size="small", progress=False)
     after = ct_file.stat()
     assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
-    with csv_path.open(newline="") as f:
+    with csv_path.open(newline="", encoding="utf-8") as f:
         assert list(csv.DictReader(f)) == rows
 
 

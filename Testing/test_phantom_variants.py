@@ -19,7 +19,7 @@ def test_variant_generates_and_round_trips(variant, vendor, tmp_path):
     case = generate_case(300 + VARIANTS.index(variant), vendor, "small", variant)
     flags = case.truth["variants"]
     folder = write_case(case, tmp_path)
-    truth = json.loads((folder / "truth.json").read_text())
+    truth = json.loads((folder / "truth.json").read_text(encoding="utf-8"))
     assert truth["variants"] == flags and truth["vendor"] == vendor and truth["size"] == "small"
     ct = read_ct(folder / "ct.nii.gz")
     np.testing.assert_array_equal(ct.hu, case.ct.hu.astype(np.float32))

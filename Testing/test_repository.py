@@ -12,13 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
 def test_ci_runs_the_readme_test_command():
     test_cmd = next(c for c in _readme_commands() if "pytest" in c and c.startswith("python3 -m venv"))
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert test_cmd in [line.strip() for line in ci]
 
 
@@ -44,7 +44,7 @@ def test_top_level_layout():
 
 
 def test_pyproject_extras_and_script():
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert meta["scripts"]["lumbarbmd"] == "LumbarBMDLib.cli:main"
     assert "slicer-core==5.13.31053.0" in meta["optional-dependencies"]["slicer"]
     dev = " ".join(meta["optional-dependencies"]["dev"])
@@ -55,7 +55,7 @@ def test_pyproject_extras_and_script():
 def test_library_never_imports_slicer_qt_vtk():
     forbidden = {"slicer", "qt", "ctk", "vtk", "vtkmodules"}
     for path in (ROOT / "LumbarBMDLib").rglob("*.py"):
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
@@ -70,5 +70,5 @@ def test_no_pickle_loading():
     for path in ROOT.rglob("*.py"):
         if ".venv" in path.parts:
             continue
-        for match in re.finditer(r"torch\.load\((.*)\)", path.read_text()):
+        for match in re.finditer(r"torch\.load\((.*)\)", path.read_text(encoding="utf-8")):
             assert "weights_only=True" in match.group(1), f"{path}: torch.load without weights_only=True"

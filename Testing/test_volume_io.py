@@ -279,7 +279,7 @@ def test_empty_folder(tmp_path: Path) -> None:
 
 
 def test_folder_without_dicom(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / "notes.txt").write_text("not an image\n", encoding="utf-8")
     sitk.WriteImage(make_image(phantom_hu(), np.eye(3)), str(tmp_path / "ct.nii.gz"))
     with pytest.raises(LumbarBMDError, match=r"no DICOM series found.*give the file's path"):
         read_ct(tmp_path)
@@ -349,7 +349,7 @@ def test_missing_path(tmp_path: Path) -> None:
 
 def test_text_file_named_nifti(tmp_path: Path) -> None:
     path = tmp_path / "ct.nii.gz"
-    path.write_text("patient list\n1, 2, 3\n")
+    path.write_text("patient list\n1, 2, 3\n", encoding="utf-8")
     with pytest.raises(LumbarBMDError, match=r"could not read .*ct\.nii\.gz as a medical image"):
         read_ct(path)
 
@@ -485,7 +485,8 @@ def test_constant_image(tmp_path: Path) -> None:
 def test_zero_voxel_image(tmp_path: Path) -> None:
     path = tmp_path / "empty.mha"
     path.write_text(
-        "ObjectType = Image\nNDims = 3\nDimSize = 0 20 24\nElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+        "ObjectType = Image\nNDims = 3\nDimSize = 0 20 24\nElementType = MET_SHORT\nElementDataFile = LOCAL\n",
+        encoding="utf-8",
     )
     with pytest.raises(LumbarBMDError, match=r"empty image \(0 voxels"):
         read_ct(path)

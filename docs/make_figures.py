@@ -1,6 +1,6 @@
-"""Make the README's figures: a phantom next to the real example CT (same sagittal reslice and window).
+"""Make the README's figures: a phantom next to the real example CT, and `annotate` on the real CT.
 
-Usage:  python docs/make_figures.py   (writes docs/images/phantom_vs_real.png)
+Usage:  python docs/make_figures.py   (writes docs/images/*.png)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import SimpleITK as sitk
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from LumbarBMDLib.annotation import prepare, preview_png
 from LumbarBMDLib.figures import LEVEL_COLOURS, WINDOW_HU
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.sagittal import ANNOTATION_SLICES, mean_sagittal_image, sagittal_geometry
@@ -77,6 +78,8 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "images" / "phantom_annotation.png", dpi=80)
     plt.close(fig)
+    # the annotate step on the real CT: annotation image with the detected canal, and the axial slice
+    preview_png(prepare(real), ROOT / "docs" / "images" / "annotation_real.png")
     print(out)
 
 

@@ -52,8 +52,19 @@ from LumbarBMDLib.sagittal import (
 )
 from LumbarBMDLib.volume import CTVolume, write_image
 
-VARIANTS = ("none", "fracture", "implant", "partial-L1", "partial-L4", "six-lumbar", "contrast", "low-dose",
-            "scoliosis", "calcification", "mixed")
+VARIANTS = (
+    "none",
+    "fracture",
+    "implant",
+    "partial-L1",
+    "partial-L4",
+    "six-lumbar",
+    "contrast",
+    "low-dose",
+    "scoliosis",
+    "calcification",
+    "mixed",
+)
 SIZES = ("full", "small")
 
 __all__ = ["SIZES", "VARIANTS", "PhantomCase", "generate_case", "generate_cohort", "make_variants", "write_case"]
@@ -125,8 +136,11 @@ def _canal_truth(rendered: Rendered) -> dict[int, list[float]]:
     out = {}
     for k in np.flatnonzero(mask.sum(axis=(1, 2)) >= min_voxels):
         jj, ii = np.nonzero(mask[k])
-        out[int(k)] = [g.origin[0] + g.spacing[0] * float(ii.mean()), g.origin[1] + g.spacing[1] * float(jj.mean()),
-                       g.origin[2] + g.spacing[2] * float(k)]
+        out[int(k)] = [
+            g.origin[0] + g.spacing[0] * float(ii.mean()),
+            g.origin[1] + g.spacing[1] * float(jj.mean()),
+            g.origin[2] + g.spacing[2] * float(k),
+        ]
     return out
 
 
@@ -153,8 +167,9 @@ def _level_truth(patient: Patient, labels: np.ndarray, grid, scanner, variants: 
     return out
 
 
-def generate_case(seed: int, vendor: str = "A", size: str = "full", variant: str | Variants = "none",
-                  category: str | None = None) -> PhantomCase:
+def generate_case(
+    seed: int, vendor: str = "A", size: str = "full", variant: str | Variants = "none", category: str | None = None
+) -> PhantomCase:
     """Generate one phantom case in memory, deterministic by (seed, vendor, size, variant).
 
     Args:
@@ -171,8 +186,14 @@ def generate_case(seed: int, vendor: str = "A", size: str = "full", variant: str
     rng_variant = np.random.default_rng([seed, 1])
     variants = variant if isinstance(variant, Variants) else make_variants(variant, rng_variant)
     rng = np.random.default_rng([seed, 0])
-    patient = sample_patient(rng, seed, category=category, scoliosis=variants.scoliosis,
-                             six_lumbar=variants.six_lumbar, fracture_level=variants.fracture)
+    patient = sample_patient(
+        rng,
+        seed,
+        category=category,
+        scoliosis=variants.scoliosis,
+        six_lumbar=variants.six_lumbar,
+        fracture_level=variants.fracture,
+    )
     place_patient(patient, rng)
     scanner = scanner_profile(vendor, low_dose=variants.low_dose)
     grid = make_grid(patient, size, rng, variants.missing_level)
@@ -201,8 +222,13 @@ def generate_case(seed: int, vendor: str = "A", size: str = "full", variant: str
     timings["acquire"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ct = CTVolume(hu=ct_hu, spacing=grid.spacing, origin=grid.origin, source=f"phantom seed {seed} vendor {vendor}",
-                  metadata={"phantom": True})
+    ct = CTVolume(
+        hu=ct_hu,
+        spacing=grid.spacing,
+        origin=grid.origin,
+        source=f"phantom seed {seed} vendor {vendor}",
+        metadata={"phantom": True},
+    )
     canal = _canal_truth(rendered)
     canal_pts = np.array(list(canal.values()))
     sag_x = float(canal_pts[:, 0].mean())
@@ -244,15 +270,37 @@ def generate_case(seed: int, vendor: str = "A", size: str = "full", variant: str
             "sagittal_x_lps": round(sag_x, 3),
             "drift_x_mm": round(float(np.ptp(canal_pts[:, 0])), 3),
         },
-        "annotation": {"slices": ANNOTATION_SLICES, "pixel_mm": geom.pixel_mm, "step_mm": geom.step_mm,
-                       "levels_drawn": [n for i, n in enumerate(LUMBAR_LEVELS, 1) if (ann_labels == i).any()]},
-        "label_values": {"L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "L6": 6, "T11": 11, "T12": 12, "sacrum": 20,
-                         "posterior_elements": "100 + body value"},
+        "annotation": {
+            "slices": ANNOTATION_SLICES,
+            "pixel_mm": geom.pixel_mm,
+            "step_mm": geom.step_mm,
+            "levels_drawn": [n for i, n in enumerate(LUMBAR_LEVELS, 1) if (ann_labels == i).any()],
+        },
+        "label_values": {
+            "L1": 1,
+            "L2": 2,
+            "L3": 3,
+            "L4": 4,
+            "L5": 5,
+            "L6": 6,
+            "T11": 11,
+            "T12": 12,
+            "sacrum": 20,
+            "posterior_elements": "100 + body value",
+        },
     }
     timings["total"] = time.perf_counter() - t0
-    return PhantomCase(case_id=case_id, ct=ct, labels=labels, tissue=tissue, truth=truth,
-                       annotation_image=ann_image, annotation_labels=ann_labels,
-                       annotation_geometry=geom.central_plane(), timings_s=timings)
+    return PhantomCase(
+        case_id=case_id,
+        ct=ct,
+        labels=labels,
+        tissue=tissue,
+        truth=truth,
+        annotation_image=ann_image,
+        annotation_labels=ann_labels,
+        annotation_geometry=geom.central_plane(),
+        timings_s=timings,
+    )
 
 
 def write_case(case: PhantomCase, out_dir: str | Path) -> Path:
@@ -272,7 +320,7 @@ def write_case(case: PhantomCase, out_dir: str | Path) -> Path:
         geom = case.annotation_geometry
         write_image(geom.to_sitk(case.annotation_image.astype(np.float32)), tmp / "annotation_image.nii.gz")
         write_image(geom.to_sitk(case.annotation_labels.astype(np.uint8)), tmp / "annotation_labels.nii.gz")
-        (tmp / "truth.json").write_text(json.dumps(case.truth, indent=1))
+        (tmp / "truth.json").write_text(json.dumps(case.truth, indent=1), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -282,8 +330,22 @@ def write_case(case: PhantomCase, out_dir: str | Path) -> Path:
     return final
 
 
-COHORT_COLUMNS = ["case", "seed", "vendor", "size", "age", "sex", "mean_bmd_mg_cm3", "category", "L1", "L2", "L3",
-                  "L4", "levels_in_view", "variants"]
+COHORT_COLUMNS = [
+    "case",
+    "seed",
+    "vendor",
+    "size",
+    "age",
+    "sex",
+    "mean_bmd_mg_cm3",
+    "category",
+    "L1",
+    "L2",
+    "L3",
+    "L4",
+    "levels_in_view",
+    "variants",
+]
 
 
 def cohort_row(truth: dict) -> dict:
@@ -291,16 +353,29 @@ def cohort_row(truth: dict) -> dict:
     flags = truth["variants"]
     active = [k for k, v in flags.items() if v not in (None, False, [], ())]
     return {
-        "case": truth["case"], "seed": truth["seed"], "vendor": truth["vendor"], "size": truth["size"],
-        "age": truth["patient"]["age"], "sex": truth["patient"]["sex"],
-        "mean_bmd_mg_cm3": truth["mean_bmd_mg_cm3"], "category": truth["category"],
+        "case": truth["case"],
+        "seed": truth["seed"],
+        "vendor": truth["vendor"],
+        "size": truth["size"],
+        "age": truth["patient"]["age"],
+        "sex": truth["patient"]["sex"],
+        "mean_bmd_mg_cm3": truth["mean_bmd_mg_cm3"],
+        "category": truth["category"],
         **{n: truth["bmd_mg_cm3"][n] for n in LUMBAR_LEVELS},
-        "levels_in_view": " ".join(truth["levels_in_view"]), "variants": " ".join(active) or "none",
+        "levels_in_view": " ".join(truth["levels_in_view"]),
+        "variants": " ".join(active) or "none",
     }
 
 
-def generate_cohort(out_dir: str | Path, cases: int = 10, seed: int = 0, vendor: str = "A", size: str = "full",
-                    variant: str = "none", progress: bool = True) -> Path:
+def generate_cohort(
+    out_dir: str | Path,
+    cases: int = 10,
+    seed: int = 0,
+    vendor: str = "A",
+    size: str = "full",
+    variant: str = "none",
+    progress: bool = True,
+) -> Path:
     """Generate ``cases`` cases with seeds ``seed … seed + cases − 1`` and write ``out_dir/cohort.csv``.
 
     Cases already present (with their truth.json) are kept and not generated again, so an interrupted
@@ -314,7 +389,7 @@ def generate_cohort(out_dir: str | Path, cases: int = 10, seed: int = 0, vendor:
     for s in tqdm(range(seed, seed + cases), desc=f"phantom {vendor}", unit="case", disable=not progress):
         truth_path = out_dir / f"{vendor.upper()}_{s:06d}" / "truth.json"
         if truth_path.exists():
-            truth = json.loads(truth_path.read_text())
+            truth = json.loads(truth_path.read_text(encoding="utf-8"))
             if truth.get("size") == size and truth.get("vendor") == vendor.upper():
                 rows.append(cohort_row(truth))
                 continue
@@ -324,10 +399,10 @@ def generate_cohort(out_dir: str | Path, cases: int = 10, seed: int = 0, vendor:
     csv_path = out_dir / "cohort.csv"
     existing = []
     if csv_path.exists():  # keep rows of other vendors/seeds written earlier into the same folder
-        with csv_path.open(newline="") as f:
+        with csv_path.open(newline="", encoding="utf-8") as f:
             existing = [r for r in csv.DictReader(f) if r["case"] not in {row["case"] for row in rows}]
     tmp = csv_path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COHORT_COLUMNS)
         writer.writeheader()
         writer.writerows(sorted(existing + rows, key=lambda r: r["case"]))
