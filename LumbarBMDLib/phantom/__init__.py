@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from LumbarBMDLib.phantom.anatomy import LUMBAR_LEVELS, Patient, category_of, sample_patient
+from LumbarBMDLib.phantom.anatomy import (
+    BODY_LABELS,
+    LUMBAR_LEVELS,
+    POSTERIOR_OFFSET,
+    Patient,
+    category_of,
+    sample_patient,
+)
 from LumbarBMDLib.phantom.render import (
     Rendered,
     Tissue,
@@ -277,16 +284,8 @@ def generate_case(
             "levels_drawn": [n for i, n in enumerate(LUMBAR_LEVELS, 1) if (ann_labels == i).any()],
         },
         "label_values": {
-            "L1": 1,
-            "L2": 2,
-            "L3": 3,
-            "L4": 4,
-            "L5": 5,
-            "L6": 6,
-            "T11": 11,
-            "T12": 12,
-            "sacrum": 20,
-            "posterior_elements": "100 + body value",
+            **{("sacrum" if name == "S" else name): value for name, value in BODY_LABELS.items()},
+            "posterior_elements": f"{POSTERIOR_OFFSET} + body value",
         },
     }
     timings["total"] = time.perf_counter() - t0

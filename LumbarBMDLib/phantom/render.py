@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -103,7 +103,6 @@ class Rendered:
         tissue: uint8 ``(nz, ny, nx)`` :class:`Tissue` codes.
         grid: the voxel grid.
         metal: bool ``(nz, ny, nx)`` or None.
-        canal_slices: per axial slice index, the truth canal centre (LPS) where the canal exists.
     """
 
     hu: np.ndarray
@@ -111,7 +110,6 @@ class Rendered:
     tissue: np.ndarray
     grid: Grid
     metal: np.ndarray | None = None
-    canal_centres: dict[int, list[float]] = field(default_factory=dict)
 
 
 def place_patient(patient: Patient, rng: np.random.Generator) -> None:
