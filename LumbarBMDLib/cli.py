@@ -118,6 +118,20 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_seg(args: argparse.Namespace) -> int:
+    """Train the L1–L4 R2U-Net on annotator pairs."""
+    from LumbarBMDLib.seg_training import SegTrainingConfig, train_segmentation
+
+    config = SegTrainingConfig(width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+                               learning_rate=args.lr, crop=args.crop, val_fraction=args.val_fraction,
+                               seed=args.seed, device=args.device)
+    card = train_segmentation(args.data, args.out, config, resume=args.resume, progress=not args.quiet)
+    dsc = card["metrics"]["validation_dsc"]
+    print("best validation DSC: " + ", ".join(f"{k} {v:.3f}" for k, v in dsc.items()))
+    print(f"model: {Path(args.out).resolve() / card['weights_file']} (sha256 {card['sha256'][:16]}...)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from LumbarBMDLib.phantom import VARIANTS
@@ -146,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("train-seg", help="train the L1-L4 R2U-Net on annotation image/label pairs")
+    p.add_argument("data", help="folder of case folders with annotation_image.nii.gz + annotation_labels.nii.gz")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, log, segmentation.safetensors + .json)")
+    p.add_argument("--width", type=int, default=16, help="R2U-Net base width (features w..16w; default 16)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--crop", type=int, default=256, help="training crop in pixels (multiple of 16)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.safetensors")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_seg)
 
     p = sub.add_parser("info", help="read a CT file or DICOM folder and describe it")
     p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")

@@ -1,0 +1,320 @@
+"""Training of the L1–L4 R2U-Net (``lumbarbmd train-seg DATA --out MODEL``).
+
+Training data (DATA): any folder tree in which a case is a folder holding the annotator's pair
+
+* ``annotation_image.nii.gz``: the 20-slice mean sagittal image (float HU, 512 × 512, one slice), and
+* ``annotation_labels.nii.gz``: its label image (0 background, 1–4 = L1–L4), same grid.
+
+That is what the Slicer module's "Export training pair" writes and what ``lumbarbmd phantom`` writes per case,
+so phantom cohorts are training data as they are. Cases are split into training and validation by a seeded
+shuffle of the case folders.
+
+Training: window [−150, 850] HU → [0, 1] (as at inference); random 256 × 256 crops centred near the lumbar
+spine (the network is fully convolutional, inference runs on the whole 512 × 512 image); augmentation with
+MONAI (affine: ±10°, ±10 % scale, ±20 px shift; elastic; Gaussian noise — the 10 single-slice candidates seen
+at inference are noisier than the 20-slice mean; blur; intensity scale/shift/gamma — other scanners'
+calibration). No flips: a left–right flip of a sagittal image swaps anterior and posterior and an up–down
+flip inverts the cranio-caudal order, neither of which occurs. Loss: Dice + cross-entropy (MONAI
+``DiceCELoss``); Adam. Validation: mean Dice of L1–L4 on the full images. Checkpoints (safetensors): every
+20 epochs (the paper), ``last`` after every epoch (with optimizer and RNG state, for ``--resume``) and
+``best`` by validation Dice; a CSV log; a model card (JSON) next to the best weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.r2unet import count_parameters, r2unet_from_width
+from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE, WINDOW_HU, window_to_unit
+from LumbarBMDLib.weights import (
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_tensors,
+    sha256_of,
+)
+
+IMAGE_FILE = "annotation_image.nii.gz"
+LABEL_FILE = "annotation_labels.nii.gz"
+LEVELS = ("L1", "L2", "L3", "L4")
+
+
+@dataclass
+class SegTrainingConfig:
+    """Settings of a training run (stored in every checkpoint and in the model card)."""
+
+    width: int = 16  # R2U-Net base width: features (w, 2w, 4w, 8w, 16w)
+    epochs: int = 100
+    batch_size: int = 4
+    learning_rate: float = 3e-4
+    crop: int = 256  # training crop (pixels); validation and inference use the full 512 × 512 image
+    crops_per_case: int = 4  # random crops drawn from each training case per epoch
+    val_fraction: float = 0.2
+    checkpoint_every: int = 20  # the paper saved a checkpoint every 20 epochs
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class SegCase:
+    """One training pair: ``image`` float32 ``(512, 512)`` in [0, 1], ``labels`` int64 ``(512, 512)``."""
+
+    case_id: str
+    image: np.ndarray
+    labels: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+def find_pairs(data_dir: str | Path) -> list[Path]:
+    """Case folders under ``data_dir`` that hold both files of a training pair (sorted)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise LumbarBMDError(f"training data folder not found: {data_dir}")
+    folders = sorted({p.parent for p in data_dir.rglob(IMAGE_FILE) if (p.parent / LABEL_FILE).is_file()})
+    if not folders:
+        raise LumbarBMDError(
+            f"no training pairs in {data_dir}: each case folder needs {IMAGE_FILE} and {LABEL_FILE} "
+            "(as written by 'lumbarbmd phantom' or the Slicer module's 'Export training pair')"
+        )
+    return folders
+
+
+def load_pair(folder: Path) -> SegCase:
+    """Read one pair and check it: a 512 × 512 sagittal grid, labels 0–4 on the same grid."""
+    img = sitk.ReadImage(str(folder / IMAGE_FILE))
+    lab = sitk.ReadImage(str(folder / LABEL_FILE))
+    image = sitk.GetArrayFromImage(img).astype(np.float32)
+    labels = sitk.GetArrayFromImage(lab)
+    if image.ndim == 3:
+        image, labels = image[0], labels[0]
+    expected = (SAGITTAL_SIZE, SAGITTAL_SIZE)
+    if image.shape != expected or labels.shape != expected:
+        raise LumbarBMDError(f"{folder}: training images must be {expected[0]} × {expected[1]}, got {image.shape}")
+    if not np.allclose(img.GetSpacing()[:2], (SAGITTAL_PIXEL_MM, SAGITTAL_PIXEL_MM), atol=1e-3):
+        raise LumbarBMDError(f"{folder}: pixel spacing {img.GetSpacing()[:2]} is not the {SAGITTAL_PIXEL_MM} mm grid")
+    if labels.min() < 0 or labels.max() > 4:
+        raise LumbarBMDError(f"{folder}: label values must be 0–4 (background, L1–L4), found {np.unique(labels)}")
+    meta = {}
+    truth = folder / "truth.json"
+    if truth.is_file():
+        t = json.loads(truth.read_text(encoding="utf-8"))
+        meta = {"vendor": t.get("vendor"), "variants": t.get("variants")}
+    return SegCase(folder.name, window_to_unit(image), labels.astype(np.int64), meta)
+
+
+def split_cases(folders: list[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded shuffle of case folders into (training, validation); at least one validation case when ≥ 2."""
+    order = np.random.default_rng(seed).permutation(len(folders))
+    n_val = round(val_fraction * len(folders))
+    if len(folders) >= 2:
+        n_val = min(max(n_val, 1), len(folders) - 1)
+    val = [folders[i] for i in sorted(order[:n_val])]
+    train = [folders[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def augmentation(seed: int):
+    """MONAI dictionary transforms on {"image": (1, H, W), "label": (1, H, W)} (see the module docstring)."""
+    from monai.transforms import (
+        Compose,
+        Rand2DElasticd,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    keys = ("image", "label")
+    t = Compose([
+        RandAffined(keys, prob=0.7, rotate_range=np.deg2rad(10.0), scale_range=(0.1, 0.1), translate_range=(20, 20),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        Rand2DElasticd(keys, spacing=(48, 48), magnitude_range=(0.5, 2.0), prob=0.25, mode=("bilinear", "nearest"),
+                       padding_mode="zeros"),
+        RandGaussianNoised("image", prob=0.5, std=0.03),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.4, 1.2), sigma_y=(0.4, 1.2)),
+        RandScaleIntensityd("image", factors=0.1, prob=0.3),
+        RandShiftIntensityd("image", offsets=0.04, prob=0.3),
+        RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=0.2),
+    ])
+    t.set_random_state(seed=seed)
+    return t
+
+
+def spine_crop(case: SegCase, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` × ``size`` crop centred near the labelled vertebrae (± size/4 jitter), inside the image."""
+    n = case.image.shape[0]
+    rows, cols = np.nonzero(case.labels)
+    cr, cc = (rows.mean(), cols.mean()) if rows.size else (n / 2, n / 2)
+    cr += rng.uniform(-size / 4, size / 4)
+    cc += rng.uniform(-size / 4, size / 4)
+    r0 = int(np.clip(round(cr - size / 2), 0, n - size))
+    c0 = int(np.clip(round(cc - size / 2), 0, n - size))
+    return case.image[r0 : r0 + size, c0 : c0 + size], case.labels[r0 : r0 + size, c0 : c0 + size]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' → CUDA when torch sees it, else CPU; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LumbarBMDError("--device cuda was asked for but torch sees no CUDA GPU (is a CUDA build installed?)")
+    if device not in ("cpu", "cuda"):
+        raise LumbarBMDError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def dice_per_level(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """DSC of labels 1–4 between two label images (1.0 where a level is absent from both)."""
+    out = np.ones(4)
+    for i in range(4):
+        p, t = pred == i + 1, truth == i + 1
+        denom = p.sum() + t.sum()
+        if denom:
+            out[i] = 2.0 * np.logical_and(p, t).sum() / denom
+    return out
+
+
+@torch.inference_mode()
+def validate(model: torch.nn.Module, cases: list[SegCase], device: torch.device) -> np.ndarray:
+    """Mean DSC per level (4,) over ``cases`` on the full 512 × 512 images."""
+    model.eval()
+    scores = []
+    for case in cases:
+        x = torch.from_numpy(case.image)[None, None].to(device)
+        pred = model(x).argmax(1)[0].cpu().numpy()
+        scores.append(dice_per_level(pred, case.labels))
+    return np.mean(scores, axis=0) if scores else np.zeros(4)
+
+
+def _checkpoint(path: Path, model, optimizer, epoch: int, best: float, config: SegTrainingConfig,
+                rng: np.random.Generator) -> None:
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_tensors(tensors, path, {"epoch": epoch, "best_val_dice": best, "config": asdict(config),
+                                 "optimizer": opt_meta, "rng.numpy": rng.bit_generator.state})
+
+
+def save_model(model: torch.nn.Module, path: Path, card: dict) -> dict:
+    """Write inference weights (``path``) and the model card (``path`` with .json); returns the card."""
+    save_tensors(dict(model.state_dict()), path, {"architecture": card["architecture"]})
+    card = {**card, "weights_file": path.name, "sha256": sha256_of(path)}
+    path.with_suffix(".json").write_text(json.dumps(card, indent=1), encoding="utf-8")
+    return card
+
+
+def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTrainingConfig | None = None,
+                       resume: bool = False, progress: bool = True) -> dict:
+    """Train the R2U-Net on the pairs under ``data_dir``; write checkpoints, log and the model to ``out_dir``.
+
+    Returns the model card of the best model (``out_dir/segmentation.safetensors`` + ``.json``).
+    """
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+    from tqdm import tqdm
+
+    config = config or SegTrainingConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    set_determinism(seed=config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    folders = find_pairs(data_dir)
+    train_dirs, val_dirs = split_cases(folders, config.val_fraction, config.seed)
+    train_cases = [load_pair(f) for f in train_dirs]
+    val_cases = [load_pair(f) for f in val_dirs]
+
+    model = r2unet_from_width(config.width).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    transforms = augmentation(config.seed)
+
+    start_epoch, best = 1, -1.0
+    last = out_dir / "checkpoint_last.safetensors"
+    if resume:
+        if not last.is_file():
+            raise LumbarBMDError(f"--resume: no checkpoint to resume from in {out_dir}")
+        tensors, meta = load_tensors(last)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+        rng.bit_generator.state = meta["rng.numpy"]
+        start_epoch, best = int(meta["epoch"]) + 1, float(meta["best_val_dice"])
+
+    log_path = out_dir / "train_log.csv"
+    new_log = not (resume and log_path.is_file())
+    with log_path.open("w" if new_log else "a", newline="", encoding="utf-8") as log:
+        writer = csv.writer(log)
+        if new_log:
+            writer.writerow(["epoch", "train_loss", *(f"val_dsc_{lv}" for lv in LEVELS), "val_dsc_mean", "seconds"])
+        for epoch in range(start_epoch, config.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            transforms.set_random_state(seed=config.seed * 100_003 + epoch)  # exact resume: per-epoch seeding
+            order = rng.permutation(np.repeat(np.arange(len(train_cases)), config.crops_per_case))
+            losses = []
+            batches = range(0, len(order), config.batch_size)
+            for b in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=not progress,
+                          leave=False):
+                xs, ys = [], []
+                for i in order[b : b + config.batch_size]:
+                    img, lab = spine_crop(train_cases[i], config.crop, rng)
+                    d = transforms({"image": img[None].copy(), "label": lab[None].astype(np.float32)})
+                    xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
+                    ys.append(torch.as_tensor(np.asarray(d["label"])).round().long())
+                x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            val = validate(model, val_cases, device)
+            mean_val = float(val.mean())
+            writer.writerow([epoch, f"{np.mean(losses):.5f}", *(f"{v:.4f}" for v in val), f"{mean_val:.4f}",
+                             f"{time.perf_counter() - t0:.1f}"])
+            log.flush()
+            if mean_val > best:
+                best = mean_val
+                save_tensors(dict(model.state_dict()), out_dir / "checkpoint_best.safetensors",
+                             {"epoch": epoch, "val_dice": val.tolist()})
+            if epoch % config.checkpoint_every == 0:
+                _checkpoint(out_dir / f"checkpoint_epoch_{epoch:03d}.safetensors", model, optimizer, epoch, best,
+                            config, rng)
+            _checkpoint(last, model, optimizer, epoch, best, config, rng)
+            if progress:
+                print(f"epoch {epoch}: loss {np.mean(losses):.4f}, val DSC " +
+                      " ".join(f"{lv} {v:.3f}" for lv, v in zip(LEVELS, val, strict=True)))
+
+    best_tensors, best_meta = load_tensors(out_dir / "checkpoint_best.safetensors")
+    model.load_state_dict(best_tensors)
+    vendors = sorted({c.meta.get("vendor") for c in train_cases if c.meta.get("vendor")})
+    card = {
+        "model": "R2U-Net L1-L4 sagittal segmentation",
+        "architecture": {"name": "R2UNet", "in_channels": 1, "out_channels": 5, "t": 2,
+                         "features": [config.width * 2**i for i in range(5)], "parameters": count_parameters(model)},
+        "input": {"sagittal_pixel_mm": SAGITTAL_PIXEL_MM, "size": SAGITTAL_SIZE, "window_hu": list(WINDOW_HU),
+                  "normalisation": "linear over the window to [0, 1]"},
+        "labels": {"0": "background", "1": "L1", "2": "L2", "3": "L3", "4": "L4"},
+        "training": {"data": str(Path(data_dir).resolve()), "cases_train": len(train_cases),
+                     "cases_validation": len(val_cases), "vendors": vendors, "epochs": config.epochs,
+                     "best_epoch": int(best_meta["epoch"]), "config": asdict(config), "device": str(device)},
+        "metrics": {"validation_dsc": dict(zip(LEVELS, map(float, best_meta["val_dice"]), strict=True))},
+    }
+    return save_model(model, out_dir / "segmentation.safetensors", card)
