@@ -118,12 +118,31 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Canal, sagittal candidates and L1–L4 segmentation of a CT."""
+    from LumbarBMDLib.annotation import prepare
+    from LumbarBMDLib.segmentation import SegmentationModel, segment, segmentation_json, write_segmentation
+    from LumbarBMDLib.volume import read_ct
+
+    model = SegmentationModel.load(args.model, device=args.device)
+    ann = prepare(read_ct(args.input))
+    result = segment(model, ann.images, ann.canal.mean_centre_lps)
+    write_segmentation(args.out, ann.images, result, segmentation_json(result, model, ann.canal_json()))
+    for lv in result.levels:
+        where = ", ".join(f"{c:.1f}" for c in lv.centre_lps) if lv.found else lv.reason
+        print(f"{lv.level}: " + (f"found, confidence {lv.confidence:.2f}, centre LPS ({where})" if lv.found else where))
+    print(f"status: {result.status}; wrote {Path(args.out).resolve()}/sagittal.nii.gz, sagittal_labels.nii.gz, "
+          "segmentation.json, segmentation_preview.png")
+    return 0
+
+
 def cmd_train_seg(args: argparse.Namespace) -> int:
     """Train the L1–L4 R2U-Net on annotator pairs."""
     from LumbarBMDLib.seg_training import SegTrainingConfig, train_segmentation
 
     config = SegTrainingConfig(width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-                               learning_rate=args.lr, crop=args.crop, val_fraction=args.val_fraction,
+                               learning_rate=args.lr, crop=args.crop, crop_rows=args.crop_rows,
+                               crops_per_case=args.crops_per_case, val_fraction=args.val_fraction,
                                seed=args.seed, device=args.device)
     card = train_segmentation(args.data, args.out, config, resume=args.resume, progress=not args.quiet)
     dsc = card["metrics"]["validation_dsc"]
@@ -161,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_annotate)
 
+    p = sub.add_parser("segment", help="segment L1-L4 on the sagittal candidates of a CT (R2U-Net)")
+    p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default=None, help="segmentation .safetensors (default: the shipped model)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_segment)
+
     p = sub.add_parser("train-seg", help="train the L1-L4 R2U-Net on annotation image/label pairs")
     p.add_argument("data", help="folder of case folders with annotation_image.nii.gz + annotation_labels.nii.gz")
     p.add_argument("--out", required=True, help="output folder (checkpoints, log, segmentation.safetensors + .json)")
@@ -168,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--crop", type=int, default=256, help="training crop in pixels (multiple of 16)")
+    p.add_argument("--crop", type=int, default=256, help="training crop width in pixels (multiple of 16)")
+    p.add_argument("--crop-rows", type=int, default=384, help="training crop height in pixels (multiple of 16)")
+    p.add_argument("--crops-per-case", type=int, default=4, help="random crops per training case and epoch")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

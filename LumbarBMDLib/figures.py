@@ -13,7 +13,8 @@ LEVEL_COLOURS = {1: (230, 25, 75), 2: (60, 180, 75), 3: (0, 130, 200), 4: (245, 
 WINDOW_HU = (-150.0, 850.0)  # WL 350 / WW 1000, the paper's window
 
 
-def _overlay(ax, labels: np.ndarray, alpha: float = 0.45) -> None:
+def overlay_levels(ax, labels: np.ndarray, alpha: float = 0.45) -> None:
+    """Draw L1–L4 (values 1–4) in the level colours of DESIGN.md over an image on a matplotlib axis."""
     rgba = np.zeros((*labels.shape, 4))
     for value, rgb in LEVEL_COLOURS.items():
         rgba[labels == value] = (*(c / 255.0 for c in rgb), alpha)
@@ -44,7 +45,7 @@ def case_preview(
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
     axes[0].imshow(sagittal, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], interpolation="bilinear")
     if sagittal_labels is not None:
-        _overlay(axes[0], sagittal_labels)
+        overlay_levels(axes[0], sagittal_labels)
     axes[0].set_title("sagittal (anterior left), L1–L4")
     k = int(np.clip(axial_index, 0, ct.shape[0] - 1))
     # axial LPS: rows run anterior→posterior, columns right→left; show in radiological convention

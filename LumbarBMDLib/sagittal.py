@@ -29,6 +29,8 @@ ANNOTATION_SLICES = 20
 CANDIDATE_SLICES = 10
 WINDOW_HU = (-150.0, 850.0)  # WL 350 / WW 1000 (paper §3.2)
 ANTERIOR_OF_CANAL_MM = 60.0  # the image centre lies this far in front of the canal (see sagittal_centre_yz)
+NETWORK_WINDOW_COLUMNS = 256  # the R2U-Net runs on 512 rows × this many columns ...
+NETWORK_WINDOW_ANTERIOR_MM = 15.0  # ... centred this far in front of the canal (the vertebral bodies' side)
 
 #: LPS directions of the sagittal grid's index axes: column → posterior, row → inferior, slice → right.
 COLUMN_DIRECTION = np.array([0.0, 1.0, 0.0])
@@ -140,6 +142,20 @@ def sagittal_centre_yz(volume: CTVolume, canal_centres_lps: np.ndarray) -> tuple
     fov = SAGITTAL_SIZE * SAGITTAL_PIXEL_MM
     z = 0.5 * (z_lo + z_hi) if z_hi - z_lo <= fov else float(pts[:, 2].min()) + 190.0
     return y, z
+
+
+def network_window(canal_column: float | None = None, size: int = SAGITTAL_SIZE) -> tuple[int, int]:
+    """Columns ``(c0, c1)`` of the segmentation window: ``NETWORK_WINDOW_COLUMNS`` wide, centred
+    ``NETWORK_WINDOW_ANTERIOR_MM`` in front of the canal column. Without a canal column the centring policy's
+    own canal column is used (the image centre lies ``ANTERIOR_OF_CANAL_MM`` in front of the mean canal), which
+    is where the canal is on every image this module makes — training pairs included."""
+    if canal_column is None:
+        canal_column = (size - 1) / 2.0 + ANTERIOR_OF_CANAL_MM / SAGITTAL_PIXEL_MM
+    if NETWORK_WINDOW_COLUMNS >= size:
+        return 0, size
+    centre = canal_column - NETWORK_WINDOW_ANTERIOR_MM / SAGITTAL_PIXEL_MM
+    c0 = int(np.clip(round(float(centre) - NETWORK_WINDOW_COLUMNS / 2), 0, size - NETWORK_WINDOW_COLUMNS))
+    return c0, c0 + NETWORK_WINDOW_COLUMNS
 
 
 def window_to_unit(hu: np.ndarray) -> np.ndarray:

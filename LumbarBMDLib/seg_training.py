@@ -34,7 +34,7 @@ import torch
 
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.r2unet import count_parameters, r2unet_from_width
-from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE, WINDOW_HU, window_to_unit
+from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE, WINDOW_HU, network_window, window_to_unit
 from LumbarBMDLib.weights import (
     load_tensors,
     optimizer_from_tensors,
@@ -56,7 +56,8 @@ class SegTrainingConfig:
     epochs: int = 100
     batch_size: int = 4
     learning_rate: float = 3e-4
-    crop: int = 256  # training crop (pixels); validation and inference use the full 512 × 512 image
+    crop: int = 256  # training crop width (columns, anterior–posterior); inference runs on a 512 × 256 window
+    crop_rows: int = 384  # training crop height (rows): 307 mm, enough to see T12 or the sacrum, which tell L1 from L2
     crops_per_case: int = 4  # random crops drawn from each training case per epoch
     val_fraction: float = 0.2
     checkpoint_every: int = 20  # the paper saved a checkpoint every 20 epochs
@@ -152,16 +153,19 @@ def augmentation(seed: int):
     return t
 
 
-def spine_crop(case: SegCase, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A ``size`` × ``size`` crop centred near the labelled vertebrae (± size/4 jitter), inside the image."""
+def spine_crop(case: SegCase, size: int, rng: np.random.Generator, rows_size: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """A ``rows_size`` × ``size`` crop (rows × columns; square when ``rows_size`` is None) centred near the
+    labelled vertebrae with a random jitter of a quarter of the crop, kept inside the image."""
     n = case.image.shape[0]
+    rs = min(rows_size or size, n)
     rows, cols = np.nonzero(case.labels)
     cr, cc = (rows.mean(), cols.mean()) if rows.size else (n / 2, n / 2)
-    cr += rng.uniform(-size / 4, size / 4)
+    cr += rng.uniform(-rs / 4, rs / 4)
     cc += rng.uniform(-size / 4, size / 4)
-    r0 = int(np.clip(round(cr - size / 2), 0, n - size))
+    r0 = int(np.clip(round(cr - rs / 2), 0, n - rs))
     c0 = int(np.clip(round(cc - size / 2), 0, n - size))
-    return case.image[r0 : r0 + size, c0 : c0 + size], case.labels[r0 : r0 + size, c0 : c0 + size]
+    return case.image[r0 : r0 + rs, c0 : c0 + size], case.labels[r0 : r0 + rs, c0 : c0 + size]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -188,14 +192,41 @@ def dice_per_level(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def validate(model: torch.nn.Module, cases: list[SegCase], device: torch.device) -> np.ndarray:
-    """Mean DSC per level (4,) over ``cases`` on the full 512 × 512 images."""
+    """Mean DSC per level (4,) over ``cases``, predicting on the inference window (512 × 256 around the spine)
+    and scoring on the whole 512 × 512 image (background outside the window)."""
     model.eval()
+    c0, c1 = network_window()
     scores = []
     for case in cases:
-        x = torch.from_numpy(case.image)[None, None].to(device)
-        pred = model(x).argmax(1)[0].cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(case.image[:, c0:c1]))[None, None].to(device)
+        pred = np.zeros_like(case.labels)
+        pred[:, c0:c1] = model(x).argmax(1)[0].cpu().numpy()
         scores.append(dice_per_level(pred, case.labels))
     return np.mean(scores, axis=0) if scores else np.zeros(4)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, cases: list[SegCase], device: torch.device,
+                          batch_size: int = 4) -> None:
+    """Re-estimate every BatchNorm's running statistics (per step for the recurrent blocks) as the exact
+    average over ``cases`` cut like inference input (full height × the network window, no augmentation).
+
+    Running statistics gathered during training follow augmented crops and drift with the weights; the
+    re-estimated ones match what the model sees at inference (standard BN recalibration).
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    c0, c1 = network_window()
+    for b in range(0, len(cases), batch_size):
+        x = np.stack([c.image[:, c0:c1] for c in cases[b : b + batch_size]])[:, None]
+        model(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
 
 
 def _checkpoint(path: Path, model, optimizer, epoch: int, best: float, config: SegTrainingConfig,
@@ -275,7 +306,7 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
                           leave=False):
                 xs, ys = [], []
                 for i in order[b : b + config.batch_size]:
-                    img, lab = spine_crop(train_cases[i], config.crop, rng)
+                    img, lab = spine_crop(train_cases[i], config.crop, rng, config.crop_rows)
                     d = transforms({"image": img[None].copy(), "label": lab[None].astype(np.float32)})
                     xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
                     ys.append(torch.as_tensor(np.asarray(d["label"])).round().long())
@@ -304,6 +335,8 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
 
     best_tensors, best_meta = load_tensors(out_dir / "checkpoint_best.safetensors")
     model.load_state_dict(best_tensors)
+    recalibrate_batchnorm(model, train_cases, device)
+    recalibrated = validate(model, val_cases, device)
     vendors = sorted({c.meta.get("vendor") for c in train_cases if c.meta.get("vendor")})
     card = {
         "model": "R2U-Net L1-L4 sagittal segmentation",
@@ -315,6 +348,9 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
         "training": {"data": str(Path(data_dir).resolve()), "cases_train": len(train_cases),
                      "cases_validation": len(val_cases), "vendors": vendors, "epochs": config.epochs,
                      "best_epoch": int(best_meta["epoch"]), "config": asdict(config), "device": str(device)},
-        "metrics": {"validation_dsc": dict(zip(LEVELS, map(float, best_meta["val_dice"]), strict=True))},
+        "metrics": {
+            "validation_dsc_before_bn_recalibration": dict(zip(LEVELS, map(float, best_meta["val_dice"]), strict=True)),
+            "validation_dsc": dict(zip(LEVELS, map(float, recalibrated), strict=True)),
+        },
     }
     return save_model(model, out_dir / "segmentation.safetensors", card)

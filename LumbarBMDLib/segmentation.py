@@ -23,13 +23,12 @@ import torch
 
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.r2unet import R2UNet
-from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SagittalImages
+from LumbarBMDLib.sagittal import NETWORK_WINDOW_COLUMNS, SagittalImages, network_window
 from LumbarBMDLib.seg_training import resolve_device
 from LumbarBMDLib.segmentation_post import SegmentationResult, fuse_probabilities, postprocess
 from LumbarBMDLib.weights import load_tensors, sha256_of
 
-WINDOW_COLUMNS = 256
-WINDOW_ANTERIOR_MM = 15.0
+WINDOW_COLUMNS = NETWORK_WINDOW_COLUMNS
 
 
 def models_dir() -> Path:
@@ -73,14 +72,12 @@ class SegmentationModel:
 
 
 def window_columns(images: SagittalImages, canal_mean_lps: np.ndarray | None) -> tuple[int, int]:
-    """The column range (anterior → posterior) the network runs on."""
+    """The column range (anterior → posterior) the network runs on (:func:`~LumbarBMDLib.sagittal.network_window`)."""
     size = images.candidates_hu.shape[-1]
-    if canal_mean_lps is None or WINDOW_COLUMNS >= size:
+    if canal_mean_lps is None:
         return 0, size
     col = images.candidate_geometry.lps_to_pixel(np.asarray(canal_mean_lps, dtype=float))[0]
-    centre = col - WINDOW_ANTERIOR_MM / SAGITTAL_PIXEL_MM
-    c0 = int(np.clip(round(float(centre) - WINDOW_COLUMNS / 2), 0, size - WINDOW_COLUMNS))
-    return c0, c0 + WINDOW_COLUMNS
+    return network_window(float(col), size)
 
 
 @torch.inference_mode()
@@ -102,3 +99,71 @@ def segment(model: SegmentationModel, images: SagittalImages, canal_mean_lps: np
     """Segment L1–L4 on the candidates; the result lies on the candidates' central plane (exact LPS mapping)."""
     fused = fuse_probabilities(candidate_probabilities(model, images, canal_mean_lps))
     return postprocess(fused, images.candidate_geometry.central_plane())
+
+
+def segmentation_json(result: SegmentationResult, model: SegmentationModel, canal_json: dict | None = None) -> dict:
+    """The per-level summary written by ``lumbarbmd segment`` (status, missing levels, centres, confidence)."""
+    return {
+        "status": result.status,
+        "missing": result.missing,
+        "vertebrae": [
+            {
+                "level": lv.level,
+                "found": lv.found,
+                "reason": lv.reason or None,
+                "centre_lps": None if lv.centre_lps is None else [round(float(c), 3) for c in lv.centre_lps],
+                "area_mm2": round(float(lv.area_mm2), 1),
+                "confidence": round(float(lv.confidence), 4),
+            }
+            for lv in result.levels
+        ],
+        "model": {"sha256": model.sha256, "features": model.card["architecture"]["features"]},
+        "canal": canal_json,
+    }
+
+
+def write_segmentation(out_dir: str | Path, images: SagittalImages, result: SegmentationResult, summary: dict) -> Path:
+    """Write ``sagittal.nii.gz`` (20-slice mean image), ``sagittal_labels.nii.gz`` (L1–L4, same grid, overlays the
+    CT), ``segmentation.json`` and ``segmentation_preview.png`` into ``out_dir`` atomically."""
+    import shutil
+    import tempfile
+
+    from LumbarBMDLib.segmentation_post import label_image_to_sitk
+    from LumbarBMDLib.volume import write_image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".segment.", dir=out_dir))
+    names = ("sagittal.nii.gz", "sagittal_labels.nii.gz", "segmentation.json")
+    try:
+        write_image(result.geometry.to_sitk(images.annotation_hu.astype(np.float32)), tmp / names[0])
+        write_image(label_image_to_sitk(result), tmp / names[1])
+        (tmp / names[2]).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        for name in names:
+            os.replace(tmp / name, out_dir / name)
+        _preview(images, result, out_dir / "segmentation_preview.png")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _preview(images: SagittalImages, result: SegmentationResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from LumbarBMDLib.figures import WINDOW_HU, overlay_levels
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(images.annotation_hu, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1])
+    overlay_levels(ax, result.labels)
+    for lv in result.levels:
+        if lv.found:
+            ax.text(lv.centre_pixel[0] - 60, lv.centre_pixel[1], f"{lv.level} {lv.confidence:.2f}", color="w",
+                    fontsize=8)
+    ax.set_title(f"L1–L4 segmentation ({result.status})")
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

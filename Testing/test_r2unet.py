@@ -83,11 +83,32 @@ def test_recurrent_block_applies_f_t_plus_one_times():
     block = RecurrentBlock(3, t=2).eval()
     x = torch.rand(1, 3, 8, 8)
     with torch.inference_mode():
-        f = block.conv
-        expected = f(x)
-        for _ in range(2):
-            expected = f(x + expected)
-        assert torch.equal(block(x), expected)
+
+        def f(inp, step):  # the shared conv and BN affine, with the step's own running statistics
+            bn = block.bn
+            mean, var = getattr(bn, f"running_mean_{step}"), getattr(bn, f"running_var_{step}")
+            return torch.relu(
+                (block.conv(inp) - mean[:, None, None])
+                / torch.sqrt(var[:, None, None] + bn.eps)
+                * bn.weight[:, None, None]
+                + bn.bias[:, None, None]
+            )
+
+        expected = f(x, 0)
+        for step in (1, 2):
+            expected = f(x + expected, step)
+        torch.testing.assert_close(block(x), expected)
+
+
+def test_recurrent_block_keeps_running_statistics_per_step():
+    """The steps see different inputs (x, then x + x1): each keeps its own running mean/variance."""
+    torch.manual_seed(2)
+    block = RecurrentBlock(4, t=2).train()
+    with torch.no_grad():
+        block(torch.rand(8, 4, 16, 16) * 5.0)
+    means = [getattr(block.bn, f"running_mean_{i}") for i in range(3)]
+    assert not torch.allclose(means[0], means[1]) and not torch.allclose(means[1], means[2])
+    assert count_parameters(block) == 4 * 4 * 9 + 4 + 2 * 4  # buffers are not parameters
 
 
 def test_rrcnn_block_is_residual_around_two_recurrent_blocks():

@@ -41,6 +41,8 @@ def test_pairs_and_split(data):
     assert split_cases(folders, 0.2, seed=0) == (train, val)  # seeded
     img, lab = spine_crop(case, 128, np.random.default_rng(0))
     assert img.shape == lab.shape == (128, 128) and (lab > 0).any()
+    img, lab = spine_crop(case, 128, np.random.default_rng(0), rows_size=256)
+    assert img.shape == lab.shape == (256, 128) and (lab > 0).any()
 
 
 def test_bad_training_folder(tmp_path):

@@ -103,3 +103,68 @@ def test_candidate_probabilities_and_segment(tiny_model, prepared):
             np.testing.assert_allclose(lv.centre_lps, result.geometry.pixel_to_lps([*lv.centre_pixel, 0.0]))
         else:
             assert not (result.labels == lv.label).any()
+
+
+def test_segment_command_writes_overlaying_files(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    from LumbarBMDLib.phantom import write_case
+
+    case_dir = write_case(generate_case(42, "B", "small"), tmp_path / "in")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "LumbarBMDLib",
+            "segment",
+            str(case_dir / "ct.nii.gz"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "out"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["sagittal.nii.gz", "sagittal_labels.nii.gz", "segmentation.json", "segmentation_preview.png"]
+    )
+    summary = json.loads((folder / "segmentation.json").read_text(encoding="utf-8"))
+    assert [v["level"] for v in summary["vertebrae"]] == ["L1", "L2", "L3", "L4"]
+    assert summary["status"] in ("ok", "partial") and summary["model"]["sha256"]
+    image, labels = (sitk.ReadImage(str(folder / n)) for n in ("sagittal.nii.gz", "sagittal_labels.nii.gz"))
+    assert image.GetSize() == labels.GetSize() == (512, 512, 1)
+    for a, b in (
+        (image.GetOrigin(), labels.GetOrigin()),
+        (image.GetDirection(), labels.GetDirection()),
+        (image.GetSpacing(), labels.GetSpacing()),
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert image.GetOrigin()[0] == pytest.approx(summary["canal"]["sagittal_x_lps"], abs=1e-3)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "LumbarBMDLib",
+            "segment",
+            str(case_dir / "ct.nii.gz"),
+            "--out",
+            str(tmp_path / "out2"),
+            "--model",
+            str(tmp_path / "nope.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+    )
+    assert missing.returncode == 1 and "segmentation model not found" in missing.stderr
