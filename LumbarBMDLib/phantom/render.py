@@ -565,26 +565,61 @@ def render_vertebra(hu, labels, tissue, vert: Vertebra, grid: Grid, scanner: Sca
     _bone(hu, labels, tissue, box, d, d + POSTERIOR_CORTEX_MM, dense, post_inner, label, h)
 
 
+# Sacral segments S1–S4: (height, half-width, half-depth) in mm, fused by thin rudimentary discs and curving
+# anteriorly (sacral kyphosis, ~14° per segment). S1 looks like a lumbar body with endplates, as on real CT,
+# which matters to a network that tells L5 from S1 (Cheng JS, Song JK 2003, Neurosurg Focus 15:E3).
+SACRAL_SEGMENTS = ((27.0, 24.0, 17.0), (21.0, 19.0, 13.5), (16.0, 14.0, 10.5), (12.0, 10.0, 8.0))
+SACRAL_CURVE_DEG = 14.0
+SACRAL_REMNANT_MM = 2.5
+
+
+def _sacral_segment_frames() -> list[tuple[float, float, float]]:
+    """Centre (v, w) and angle (rad) of each sacral segment in the S1 frame (v posterior, w superior)."""
+    out, v, w = [], 0.0, 0.0
+    for k, (height, _, _) in enumerate(SACRAL_SEGMENTS):
+        alpha = np.deg2rad(SACRAL_CURVE_DEG * k)
+        if k:
+            prev_h = SACRAL_SEGMENTS[k - 1][0]
+            step = prev_h / 2.0 + SACRAL_REMNANT_MM + height / 2.0
+            mid = np.deg2rad(SACRAL_CURVE_DEG * (k - 0.5))
+            v, w = v - step * np.sin(mid), w - step * np.cos(mid)
+        out.append((v, w, alpha))
+    return out
+
+
 def render_sacrum_and_pelvis(hu, labels, tissue, patient: Patient, grid: Grid, scanner: ScannerProfile,
                              rng: np.random.Generator) -> None:
-    """Sacrum (S1 body, tapering S2–S3, alae, sacral canal, dorsal crest) and the iliac wings."""
+    """Sacrum (S1–S4 bodies with rudimentary discs, alae, sacral canal, dorsal wall) and the iliac wings."""
     h = grid.voxel_mm
     frame = Frame(patient.sacrum_centre, patient.sacrum_axes)
     s_bmd = patient.level("L5").bmd * 0.95
     inner = scanner.mineral_to_hu(s_bmd)
-    cortical = scanner.mineral_to_hu(DENSE_CORTICAL_BMD)
-    got = _frame_box(grid, frame, (-66.0, -22.0, -72.0), (66.0, 38.0, 16.0))
+    cortical = scanner.mineral_to_hu(CORTICAL_BMD)
+    dense = scanner.mineral_to_hu(DENSE_CORTICAL_BMD)
+    got = _frame_box(grid, frame, (-66.0, -45.0, -80.0), (66.0, 40.0, 16.0))
     if got is None:
         return
     box, (u, v, w) = got
-    taper = np.clip(1.0 + w / 110.0, 0.35, 1.0)  # narrower caudally
-    d_body = np.maximum(ellipse_distance(u, v, 25.0 * taper, 17.5 * taper), np.maximum(w - 14.0, -70.0 - w))
+    bodies, dorsal, canal = [], [], []
+    for (vc, wc, alpha), (height, a, b) in zip(_sacral_segment_frames(), SACRAL_SEGMENTS, strict=True):
+        ca, sa = np.cos(alpha), np.sin(alpha)
+        wk = (v - vc) * sa + (w - wc) * ca  # along the segment's axis (superior)
+        vk = (v - vc) * ca - (w - wc) * sa  # posterior
+        bodies.append(np.maximum(ellipse_distance(u, vk, a, b), np.abs(wk) - height / 2.0))
+        slab = np.abs(wk) - height / 2.0 - SACRAL_REMNANT_MM
+        # the sacral canal fills the space between the bodies' posterior surface and the dorsal wall
+        dorsal.append(np.maximum(ellipse_distance(u, vk - (b + 11.5), 0.9 * a, 5.5), slab))
+        canal.append(np.maximum(ellipse_distance(u, vk - (b + 3.0), 0.45 * a + 2.0, 3.0), slab))
+    # rudimentary discs: a thin soft band between the fused bodies (painted first, the bodies go over it)
+    d_chain = _min([np.maximum(ellipse_distance(u, v - vc, a, b), np.abs(w - wc) - hh / 2.0 - SACRAL_REMNANT_MM)
+                    for (vc, wc, _), (hh, a, b) in zip(_sacral_segment_frames(), SACRAL_SEGMENTS, strict=True)])
+    paint(hu, box, fraction(np.maximum(d_chain, w - 13.5), h), scanner.disc_hu + 20.0)
+    d_canal = _min(canal)
     d_ala = ellipsoid_distance(np.abs(u) - 38.0, v - 6.0, w + 12.0, 24.0, 17.0, 26.0)
-    d_dorsal = np.maximum(ellipse_distance(u, v - 26.0, 22.0 * taper, 9.0), np.maximum(w - 6.0, -62.0 - w))
-    d = _min([d_body, d_ala, d_dorsal])
-    d_canal = np.maximum(ellipse_distance(u, v - 25.5, 11.0 * taper, 5.5), np.maximum(w - 20.0, -55.0 - w))
-    d = np.maximum(d, -d_canal)
-    _bone(hu, labels, tissue, box, d, d + 1.2, cortical, inner, 20, h)
+    d_post = np.maximum(_min([d_ala, _min(dorsal)]), -d_canal)
+    _bone(hu, labels, tissue, box, d_post, d_post + 1.2, dense, inner, 20, h)
+    for d_seg in bodies:  # each body with its own cortex and endplates, like a vertebra
+        _bone(hu, labels, tissue, box, d_seg, d_seg + 0.7, cortical, inner, 20, h)
     f_canal = fraction(np.maximum(d_canal, w - 14.0), h)
     paint(hu, box, f_canal, scanner.fat_hu + 30.0)
     stamp(tissue, box, f_canal, Tissue.EPIDURAL_FAT)
