@@ -596,30 +596,36 @@ def render_sacrum_and_pelvis(hu, labels, tissue, patient: Patient, grid: Grid, s
     inner = scanner.mineral_to_hu(s_bmd)
     cortical = scanner.mineral_to_hu(CORTICAL_BMD)
     dense = scanner.mineral_to_hu(DENSE_CORTICAL_BMD)
-    got = _frame_box(grid, frame, (-66.0, -45.0, -80.0), (66.0, 40.0, 16.0))
+    # alae: lateral, in their own box (one shape), painted before the midline structures
+    got = _frame_box(grid, frame, (-66.0, -15.0, -42.0), (66.0, 27.0, 16.0))
+    if got is not None:
+        box_a, (ua, va, wa) = got
+        d_ala = ellipsoid_distance(np.abs(ua) - 38.0, va - 6.0, wa + 12.0, 24.0, 17.0, 26.0)
+        _bone(hu, labels, tissue, box_a, d_ala, d_ala + 1.2, dense, inner, 20, h)
+    got = _frame_box(grid, frame, (-30.0, -45.0, -80.0), (30.0, 40.0, 16.0))
     if got is None:
         return
     box, (u, v, w) = got
-    bodies, dorsal, canal = [], [], []
+    bodies, chain, dorsal, canal = [], [], [], []
     for (vc, wc, alpha), (height, a, b) in zip(_sacral_segment_frames(), SACRAL_SEGMENTS, strict=True):
         ca, sa = np.cos(alpha), np.sin(alpha)
         wk = (v - vc) * sa + (w - wc) * ca  # along the segment's axis (superior)
         vk = (v - vc) * ca - (w - wc) * sa  # posterior
-        bodies.append(np.maximum(ellipse_distance(u, vk, a, b), np.abs(wk) - height / 2.0))
-        slab = np.abs(wk) - height / 2.0 - SACRAL_REMNANT_MM
+        along = np.abs(wk) - height / 2.0
+        section = ellipse_distance(u, vk, a, b)
+        bodies.append(np.maximum(section, along))
+        chain.append(np.maximum(section, along - SACRAL_REMNANT_MM))  # body + half of each rudimentary disc
+        slab = along - SACRAL_REMNANT_MM
         # the sacral canal fills the space between the bodies' posterior surface and the dorsal wall
         dorsal.append(np.maximum(ellipse_distance(u, vk - (b + 11.5), 0.9 * a, 5.5), slab))
         canal.append(np.maximum(ellipse_distance(u, vk - (b + 3.0), 0.45 * a + 2.0, 3.0), slab))
     # rudimentary discs: a thin soft band between the fused bodies (painted first, the bodies go over it)
-    d_chain = _min([np.maximum(ellipse_distance(u, v - vc, a, b), np.abs(w - wc) - hh / 2.0 - SACRAL_REMNANT_MM)
-                    for (vc, wc, _), (hh, a, b) in zip(_sacral_segment_frames(), SACRAL_SEGMENTS, strict=True)])
-    paint(hu, box, fraction(np.maximum(d_chain, w - 13.5), h), scanner.disc_hu + 20.0)
+    paint(hu, box, fraction(np.maximum(_min(chain), w - 13.5), h), scanner.disc_hu + 20.0)
     d_canal = _min(canal)
-    d_ala = ellipsoid_distance(np.abs(u) - 38.0, v - 6.0, w + 12.0, 24.0, 17.0, 26.0)
-    d_post = np.maximum(_min([d_ala, _min(dorsal)]), -d_canal)
+    d_post = np.maximum(_min(dorsal), -d_canal)
     _bone(hu, labels, tissue, box, d_post, d_post + 1.2, dense, inner, 20, h)
-    for d_seg in bodies:  # each body with its own cortex and endplates, like a vertebra
-        _bone(hu, labels, tissue, box, d_seg, d_seg + 0.7, cortical, inner, 20, h)
+    d_bodies = _min(bodies)  # separate bodies (the rudimentary discs keep each one's endplates)
+    _bone(hu, labels, tissue, box, d_bodies, d_bodies + 0.7, cortical, inner, 20, h)
     f_canal = fraction(np.maximum(d_canal, w - 14.0), h)
     paint(hu, box, f_canal, scanner.fat_hu + 30.0)
     stamp(tissue, box, f_canal, Tissue.EPIDURAL_FAT)
