@@ -114,25 +114,18 @@ def test_segment_command_writes_overlaying_files(tiny_model, tmp_path):
     from LumbarBMDLib.phantom import write_case
 
     case_dir = write_case(generate_case(42, "B", "small"), tmp_path / "in")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "LumbarBMDLib",
-            "segment",
-            str(case_dir / "ct.nii.gz"),
-            "--out",
-            str(tmp_path / "out"),
-            "--model",
-            str(tiny_model),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=300,
-    )
+
+    def segment_cli(out_name: str, model) -> subprocess.CompletedProcess:
+        args = ["segment", str(case_dir / "ct.nii.gz"), "--out", str(tmp_path / out_name), "--model", str(model)]
+        return subprocess.run(
+            [sys.executable, "-m", "LumbarBMDLib", *args, "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            timeout=300,
+        )
+
+    out = segment_cli("out", tiny_model)
     assert out.returncode == 0, out.stderr
     folder = tmp_path / "out"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
@@ -150,21 +143,5 @@ def test_segment_command_writes_overlaying_files(tiny_model, tmp_path):
     ):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert image.GetOrigin()[0] == pytest.approx(summary["canal"]["sagittal_x_lps"], abs=1e-3)
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "LumbarBMDLib",
-            "segment",
-            str(case_dir / "ct.nii.gz"),
-            "--out",
-            str(tmp_path / "out2"),
-            "--model",
-            str(tmp_path / "nope.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=300,
-    )
+    missing = segment_cli("out2", tmp_path / "nope.safetensors")
     assert missing.returncode == 1 and "segmentation model not found" in missing.stderr
