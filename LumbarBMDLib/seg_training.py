@@ -33,6 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.metrics import segmentation_metrics
 from LumbarBMDLib.r2unet import count_parameters, r2unet_from_width
 from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE, WINDOW_HU, network_window, window_to_unit
 from LumbarBMDLib.weights import (
@@ -179,17 +180,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def dice_per_level(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """DSC of labels 1–4 between two label images (1.0 where a level is absent from both)."""
-    out = np.ones(4)
-    for i in range(4):
-        p, t = pred == i + 1, truth == i + 1
-        denom = p.sum() + t.sum()
-        if denom:
-            out[i] = 2.0 * np.logical_and(p, t).sum() / denom
-    return out
-
-
 @torch.inference_mode()
 def validate(model: torch.nn.Module, cases: list[SegCase], device: torch.device) -> np.ndarray:
     """Mean DSC per level (4,) over ``cases``, predicting on the inference window (512 × 256 around the spine)
@@ -201,7 +191,8 @@ def validate(model: torch.nn.Module, cases: list[SegCase], device: torch.device)
         x = torch.from_numpy(np.ascontiguousarray(case.image[:, c0:c1]))[None, None].to(device)
         pred = np.zeros_like(case.labels)
         pred[:, c0:c1] = model(x).argmax(1)[0].cpu().numpy()
-        scores.append(dice_per_level(pred, case.labels))
+        metrics = segmentation_metrics(pred, case.labels)
+        scores.append([metrics[level]["dsc"] for level in LEVELS])
     return np.mean(scores, axis=0) if scores else np.zeros(4)
 
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from LumbarBMDLib.canal import find_canal
+from LumbarBMDLib.annotation import prepare
 from LumbarBMDLib.metrics import is_valid_case, segmentation_metrics, summarise
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.sagittal import (
     ANNOTATION_SLICES,
     sagittal_centre_yz,
     sagittal_geometry,
-    sagittal_images,
     sagittal_label_image,
 )
 from LumbarBMDLib.segmentation import SegmentationModel, segment
@@ -44,11 +43,10 @@ def reference_labels(case, canal) -> np.ndarray:
 
 
 def run_case(model, ct):
-    canal = find_canal(ct)
-    images = sagittal_images(ct, canal.sagittal_x_lps, sagittal_centre_yz(ct, canal.centres_lps))
+    ann = prepare(ct)  # canal detection and the sagittal candidates, as `lumbarbmd segment` does
     t = time.perf_counter()
-    result = segment(model, images, canal.mean_centre_lps)
-    return canal, result, time.perf_counter() - t
+    result = segment(model, ann.images, ann.canal.mean_centre_lps)
+    return ann.canal, result, time.perf_counter() - t
 
 
 def main() -> None:
