@@ -41,6 +41,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     for vendor in vendors:
         csv_path = generate_cohort(args.out, cases=args.cases, seed=args.seed, vendor=vendor, size=args.size,
                                    variant=args.variant, progress=not args.quiet)
+        if args.calibration_scan:
+            from LumbarBMDLib.phantom.calibration_scan import calibration_scan
+            from LumbarBMDLib.volume import write_volume
+
+            path = write_volume(calibration_scan(vendor), Path(args.out) / f"calibration_{vendor}.nii.gz", np.int16)
+            print(f"calibration-phantom scan of vendor {vendor}: {path}")
     print(f"wrote {args.cases * len(vendors)} case(s) to {Path(args.out).resolve()} (cohort table: {csv_path})")
     return 0
 
@@ -151,6 +157,60 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_bmd(args: argparse.Namespace) -> int:
+    """Train the DenseNet-121 BMD regression on CTs + labels + reference BMD."""
+    from LumbarBMDLib.bmd_training import BMDTrainingConfig, train_bmd
+
+    config = BMDTrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                               jitter=args.jitter, val_fraction=args.val_fraction, seed=args.seed, device=args.device)
+    card = train_bmd(args.data, args.out, config, resume=args.resume, progress=not args.quiet,
+                     reference_calibration=args.reference_calibration)
+    m = card["metrics"]
+    print(f"best validation RMSE {m['validation_rmse_mg_cm3']:.2f} mg/cm³ (bias {m['validation_bias_mg_cm3']:+.2f}) "
+          f"at epoch {card['training']['best_epoch']}")
+    print(f"model: {Path(args.out).resolve() / 'regression.safetensors'} (sha256 {card['sha256'][:16]}...)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit a scanner's mineral calibration from a scan of the K2HPO4 calibration phantom."""
+    from LumbarBMDLib.calibration import fit_calibration, write_calibration
+    from LumbarBMDLib.volume import read_ct
+
+    cal = fit_calibration(read_ct(args.scan))
+    for conc, mean, sd in cal.rods:
+        print(f"rod {conc:5.0f} mg/cm3: {mean:7.1f} HU (SD {sd:.1f})")
+    print(f"calibration: HU = {cal.slope:.4f} x BMD {cal.intercept:+.2f} (r2 {cal.r2:.5f})")
+    print(f"wrote {write_calibration(cal, args.out).resolve()}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """The paper's statistics of a results folder against its reference."""
+    from LumbarBMDLib.evaluation import evaluate_folder
+
+    res = evaluate_folder(args.results, args.truth, args.out)
+    print(format_evaluation(res))
+    print(f"wrote {Path(args.out).resolve()}/evaluation.json, bland_altman.png, scatter.png, confusion_matrix.png")
+    return 0
+
+
+def format_evaluation(res: dict) -> str:
+    """A few lines summarising an evaluation.json object."""
+    al, pt = res["all_levels"], res["patients"]
+    ba = al["bland_altman"]
+    lines = [f"levels: n {al['pearson']['n']}, Pearson r {al['pearson']['r']:.4f}, bias {ba['bias']:+.2f} mg/cm³, "
+             f"limits of agreement {ba['loa'][0]:+.2f} .. {ba['loa'][1]:+.2f}, Wilcoxon p {al['wilcoxon']['p']:.3g}"]
+    for level, m in res["levels"].items():
+        r2 = m["r2"]
+        lines.append(f"  {level}: r2 {r2['r2']:.4f} (95 % CI {r2['ci'][0]:.4f}-{r2['ci'][1]:.4f}), "
+                     f"bias {m['bland_altman']['bias']:+.2f}")
+    cat = pt["categories"]
+    lines.append(f"patients: n {pt['n']}, kappa {cat['kappa']:.3f}, accuracy {cat['accuracy']:.3f}, "
+                 f"confusion (rows reference, columns predicted: {', '.join(cat['labels'])}) {cat['confusion']}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from LumbarBMDLib.phantom import VARIANTS
@@ -172,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vendor", choices=["A", "B", "C", "all"], default="A", help="scanner profile (default A)")
     p.add_argument("--size", choices=["full", "small"], default="full", help="full: 512², 1 mm; small: 192², 2.5 mm")
     p.add_argument("--variant", choices=VARIANTS, default="none", help="anatomy/acquisition variant (default none)")
+    p.add_argument("--calibration-scan", action="store_true",
+                   help="also write OUT/calibration_<vendor>.nii.gz: the scan of the K2HPO4 calibration phantom")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
 
@@ -203,6 +265,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.safetensors")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("train-bmd", help="train the DenseNet-121 BMD regression on CTs, L1-L4 labels and QCT values")
+    p.add_argument("data", help="folder of case folders (ct.nii.gz + annotation_labels.nii.gz or vertebrae.nii.gz) "
+                   "with bmd_reference.csv (case,level,bmd_mg_cm3) or truth.json per case")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, log, regression.safetensors + .json)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--jitter", type=int, default=8, help="patches per level around jittered centres (default 8)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--reference-calibration", help="calibration JSON of the training scanner (lumbarbmd calibrate), "
+                   "stored in the model card so other scanners can be mapped onto it")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.safetensors")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_bmd)
+
+    p = sub.add_parser("calibrate", help="fit a scanner's BMD calibration from a K2HPO4 calibration-phantom scan")
+    p.add_argument("scan", help="CT of the calibration phantom (file or DICOM folder)")
+    p.add_argument("--out", required=True, help="calibration JSON to write (for run/evaluate --calibration)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("evaluate", help="the paper's statistics of a results folder against the reference, with plots")
+    p.add_argument("results", help="folder with <case>/results.json (the output of a run)")
+    p.add_argument("truth", help="reference: phantom cohort folder (truth.json per case) or CSV case,level,bmd_mg_cm3")
+    p.add_argument("--out", required=True, help="output folder: evaluation.json and PNG plots")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="read a CT file or DICOM folder and describe it")
     p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")

@@ -98,6 +98,28 @@ class SagittalGeometry:
             step_mm=self.step_mm,
         )
 
+    def slab(self, n_slices: int) -> SagittalGeometry:
+        """A stack of ``n_slices`` centred on this grid's central plane (same in-plane grid and step)."""
+        centre = self.pixel_to_lps([0.0, 0.0, (self.n_slices - 1) / 2.0])
+        origin = centre - SLICE_DIRECTION * self.step_mm * (n_slices - 1) / 2.0
+        return SagittalGeometry(tuple(float(v) for v in origin), n_slices, self.sagittal_x_lps, self.size,
+                                self.pixel_mm, self.step_mm)
+
+    @classmethod
+    def from_image(cls, img: sitk.Image) -> SagittalGeometry:
+        """The grid of a sagittal image written by this package (e.g. ``sagittal_labels.nii.gz``)."""
+        direction = np.array(img.GetDirection()).reshape(3, 3)
+        expected = np.stack([COLUMN_DIRECTION, ROW_DIRECTION, SLICE_DIRECTION], axis=1)
+        size = img.GetSize()
+        if not np.allclose(direction, expected, atol=1e-4) or size[0] != size[1]:
+            raise ValueError("not a LumbarBMD sagittal image (unexpected direction or non-square size)")
+        n = size[2] if img.GetDimension() == 3 else 1
+        spacing = img.GetSpacing()
+        origin = tuple(float(v) for v in img.GetOrigin())
+        centre_x = origin[0] + SLICE_DIRECTION[0] * spacing[2] * (n - 1) / 2.0 if len(spacing) > 2 else origin[0]
+        return cls(origin, n, float(centre_x), int(size[0]), float(spacing[0]),
+                   float(spacing[2]) if len(spacing) > 2 else SAGITTAL_STEP_MM)
+
     def reference_image(self) -> sitk.Image:
         """An empty SimpleITK image on this grid (size column × row × slice), for resampling."""
         ref = sitk.Image([self.size, self.size, self.n_slices], sitk.sitkFloat32)

@@ -9,15 +9,16 @@ That is what the Slicer module's "Export training pair" writes and what ``lumbar
 so phantom cohorts are training data as they are. Cases are split into training and validation by a seeded
 shuffle of the case folders.
 
-Training: window [−150, 850] HU → [0, 1] (as at inference); random 256 × 256 crops centred near the lumbar
-spine (the network is fully convolutional, inference runs on the whole 512 × 512 image); augmentation with
-MONAI (affine: ±10°, ±10 % scale, ±20 px shift; elastic; Gaussian noise — the 10 single-slice candidates seen
-at inference are noisier than the 20-slice mean; blur; intensity scale/shift/gamma — other scanners'
-calibration). No flips: a left–right flip of a sagittal image swaps anterior and posterior and an up–down
-flip inverts the cranio-caudal order, neither of which occurs. Loss: Dice + cross-entropy (MONAI
-``DiceCELoss``); Adam. Validation: mean Dice of L1–L4 on the full images. Checkpoints (safetensors): every
-20 epochs (the paper), ``last`` after every epoch (with optimizer and RNG state, for ``--resume``) and
-``best`` by validation Dice; a CSV log; a model card (JSON) next to the best weights.
+Training: window [−150, 850] HU → [0, 1] (as at inference); random 384 × 256 crops centred near the lumbar
+spine (the network is fully convolutional; inference runs on a 512 × 256 window); augmentation with MONAI
+(affine: ±10°, ±10 % scale, ±20 px shift; elastic; Gaussian noise — the 10 single-slice candidates seen at
+inference are noisier than the 20-slice mean; blur; intensity scale/shift/gamma — other scanners'
+calibration) and scan-range cuts (rows above T12/T11 or below S1–S3 blanked, see ``scan_range_cut``).
+No flips: a left–right flip of a sagittal image swaps anterior and posterior and an up–down flip inverts
+the cranio-caudal order, neither of which occurs. Loss: Dice + cross-entropy (MONAI ``DiceCELoss``); Adam.
+Validation: mean Dice of L1–L4 on the full images. Checkpoints (safetensors): every 20 epochs (the paper),
+``last`` after every epoch (with optimizer and RNG state, for ``--resume``) and ``best`` by validation
+Dice; a CSV log; a model card (JSON) next to the best weights.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class SegTrainingConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0  # 0: torch's default
+    scan_cut_prob: float = 0.3  # probability of each scan-range cut (top: through T12/T11, bottom: through the sacrum)
 
 
 @dataclass
@@ -152,6 +154,29 @@ def augmentation(seed: int):
     ])
     t.set_random_state(seed=seed)
     return t
+
+
+def scan_range_cut(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, prob: float) -> np.ndarray:
+    """Simulate another scan range: blank the rows above a random cut through T12/T11 and/or below a random cut
+    through the sacrum (S1–S3), as outside-the-scan pixels (0 after windowing) look.
+
+    Phantom scans always span T11 to S3; real scans start and stop anywhere around them (the real example stops
+    inside S1). Without this the network could learn to count levels from where the scan ends instead of from
+    the anatomy. Cuts never reach L1–L4. ``image`` ``(H, W)`` in [0, 1], ``labels`` ``(H, W)``; returns a copy.
+    """
+    out = image.copy()
+    rows = np.flatnonzero(labels.any(axis=1))
+    if rows.size == 0 or prob <= 0:
+        return out
+    top, bottom = int(rows[0]), int(rows[-1])
+    level_h = (bottom - top) / max(len(np.unique(labels[labels > 0])), 1)  # one vertebra + disc, in rows
+    if rng.random() < prob:  # top of the scan between the upper end plate of T11 and mid-T12
+        cut = round(top - rng.uniform(0.5, 2.0) * level_h)
+        out[: max(cut, 0)] = 0.0
+    if rng.random() < prob:  # bottom of the scan between the top of S1 and S3
+        cut = round(bottom + rng.uniform(1.6, 3.2) * level_h)
+        out[max(cut, 0):] = 0.0
+    return out
 
 
 def spine_crop(case: SegCase, size: int, rng: np.random.Generator, rows_size: int | None = None
@@ -297,7 +322,10 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
                           leave=False):
                 xs, ys = [], []
                 for i in order[b : b + config.batch_size]:
-                    img, lab = spine_crop(train_cases[i], config.crop, rng, config.crop_rows)
+                    case = train_cases[i]
+                    cut = SegCase(case.case_id, scan_range_cut(case.image, case.labels, rng, config.scan_cut_prob),
+                                  case.labels)
+                    img, lab = spine_crop(cut, config.crop, rng, config.crop_rows)
                     d = transforms({"image": img[None].copy(), "label": lab[None].astype(np.float32)})
                     xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
                     ys.append(torch.as_tensor(np.asarray(d["label"])).round().long())

@@ -122,3 +122,47 @@ def test_bad_command_line_exit_2(tmp_path):
     assert run_cli("phantom", str(tmp_path), "--vendor", "D").returncode == 2
     assert run_cli("phantom", str(tmp_path), "--cases", "0").returncode == 2
     assert run_cli("nonsense").returncode == 2
+
+
+def test_calibrate_command_on_a_calibration_phantom_scan(tmp_path):
+    out = run_cli("phantom", str(tmp_path / "c"), "--cases", "1", "--seed", "5", "--vendor", "B", "--size", "small",
+                  "--calibration-scan", "--quiet")
+    assert out.returncode == 0, out.stderr
+    scan = tmp_path / "c" / "calibration_B.nii.gz"
+    assert scan.is_file()
+    out = run_cli("calibrate", str(scan), "--out", str(tmp_path / "scanner_B.json"))
+    assert out.returncode == 0, out.stderr
+    cal = json.loads((tmp_path / "scanner_B.json").read_text(encoding="utf-8"))
+    assert abs(cal["slope"] - 0.95) < 0.01 and abs(cal["intercept"] - 14.0) < 1.5 and len(cal["rods"]) == 5
+    out = run_cli("calibrate", str(tmp_path / "c" / "B_000005" / "ct.nii.gz"), "--out", str(tmp_path / "x.json"))
+    assert out.returncode == 1 and out.stderr.startswith("lumbarbmd: error:") and not (tmp_path / "x.json").exists()
+
+
+def test_train_bmd_and_evaluate_commands(tmp_path):
+    data = tmp_path / "data"
+    assert run_cli("phantom", str(data), "--cases", "3", "--seed", "60", "--size", "small", "--quiet").returncode == 0
+    out = run_cli("train-bmd", str(data), "--out", str(tmp_path / "model"), "--epochs", "1", "--jitter", "2",
+                  "--device", "cpu", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "validation RMSE" in out.stdout and (tmp_path / "model" / "regression.safetensors").is_file()
+    card = json.loads((tmp_path / "model" / "regression.json").read_text(encoding="utf-8"))
+    assert card["architecture"]["parameters"] == 6_954_881 and card["training"]["epochs"] == 1
+    # evaluate: results.json files as `run` writes them, against the cohort's truth.json
+    results = tmp_path / "results"
+    offsets = [2.0, -1.0, 3.0]
+    for case, off in zip(sorted(p for p in data.iterdir() if p.is_dir()), offsets, strict=True):
+        truth = json.loads((case / "truth.json").read_text(encoding="utf-8"))
+        vertebrae = [{"level": lv, "found": True, "bmd_mg_cm3": v + off} for lv, v in truth["bmd_mg_cm3"].items()]
+        vertebrae[3] = {"level": "L4", "found": False, "reason": "no patch: metal (implant) in or next to the body"}
+        (results / case.name).mkdir(parents=True)
+        (results / case.name / "results.json").write_text(json.dumps({"status": "partial", "vertebrae": vertebrae}),
+                                                          encoding="utf-8")
+    out = run_cli("evaluate", str(results), str(data), "--out", str(tmp_path / "ev"))
+    assert out.returncode == 0, out.stderr
+    ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text(encoding="utf-8"))
+    assert ev["all_levels"]["pearson"]["n"] == 9
+    assert abs(ev["all_levels"]["bland_altman"]["bias"] - np.mean(offsets)) < 1e-6
+    assert ev["cases"]["partial"] == 3 and sum(ev["cases"]["missing_levels"].values()) == 3
+    assert all((tmp_path / "ev" / f).is_file() for f in ("bland_altman.png", "scatter.png", "confusion_matrix.png"))
+    out = run_cli("evaluate", str(tmp_path / "nothing"), str(data), "--out", str(tmp_path / "ev2"))
+    assert out.returncode == 1 and "no results.json" in out.stderr

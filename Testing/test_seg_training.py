@@ -16,6 +16,7 @@ from LumbarBMDLib.seg_training import (
     SegTrainingConfig,
     find_pairs,
     load_pair,
+    scan_range_cut,
     spine_crop,
     split_cases,
     train_segmentation,
@@ -43,6 +44,26 @@ def test_pairs_and_split(data):
     assert img.shape == lab.shape == (128, 128) and (lab > 0).any()
     img, lab = spine_crop(case, 128, np.random.default_rng(0), rows_size=256)
     assert img.shape == lab.shape == (256, 128) and (lab > 0).any()
+
+
+def test_scan_range_cut_blanks_only_outside_l1_l4(data):
+    case = load_pair(find_pairs(data)[0])
+    rows = np.flatnonzero(case.labels.any(axis=1))
+    level_h = (rows[-1] - rows[0]) / 4
+    assert np.array_equal(scan_range_cut(case.image, case.labels, np.random.default_rng(0), 0.0), case.image)
+    cut_top = cut_bottom = 0
+    for seed in range(40):
+        out = scan_range_cut(case.image, case.labels, np.random.default_rng(seed), 0.5)
+        blank = np.flatnonzero((out == 0).all(axis=1) & (case.image != 0).any(axis=1))
+        assert np.array_equal(out[rows[0] : rows[-1] + 1], case.image[rows[0] : rows[-1] + 1])  # L1–L4 intact
+        above, below = blank[blank < rows[0]], blank[blank > rows[-1]]
+        if above.size:  # blanked from the top of the image down to a row 0.5–2 levels above L1
+            cut_top += 1
+            assert rows[0] - 2.0 * level_h - 1 <= above.max() + 1 <= rows[0] - 0.5 * level_h + 1
+        if below.size:  # and from a row 1.6–3.2 levels below L4 to the bottom
+            cut_bottom += 1
+            assert rows[-1] + 1.6 * level_h - 1 <= below.min() <= rows[-1] + 3.2 * level_h + 1
+    assert 8 <= cut_top <= 32 and 8 <= cut_bottom <= 32  # each cut with probability 0.5
 
 
 def test_bad_training_folder(tmp_path):

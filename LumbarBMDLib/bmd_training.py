@@ -1,0 +1,331 @@
+"""Training of the DenseNet-121 BMD regression (``lumbarbmd train-bmd DATA --out MODEL``).
+
+Training data (DATA), documented in the README:
+
+* one folder per case holding the CT (``ct.nii.gz``, or ``ct.nrrd`` / ``ct.mha``) and the L1–L4 labels:
+  ``annotation_labels.nii.gz`` (the annotator's sagittal labels, as ``lumbarbmd annotate`` + the Slicer
+  module export them; preferred, because inference localises the levels on a sagittal label image too) or
+  ``vertebrae.nii.gz`` (3-D body labels, 1–4 = L1–L4, e.g. the phantom's truth);
+* the QCT reference values: ``DATA/bmd_reference.csv`` with columns ``case,level,bmd_mg_cm3`` (case = the case
+  folder's name, level = L1..L4); cases without rows there fall back to their ``truth.json``
+  (``bmd_mg_cm3`` per level, as the phantom writes). Phantom cohorts therefore are training data as they are.
+
+Samples: for every labelled level with a reference value, ``jitter`` patches are cut around the level's centre
+moved by up to ±``jitter_mm`` in x, y and z (the segmentation's centre is never exact; this also multiplies
+the data). Augmentation at each step: left–right and anterior–posterior flips of the axial patch and swapping
+the z − 1 / z + 1 channels (a density does not change under them); no intensity augmentation, because the
+absolute HU scale *is* the measurement. Loss MSE on the normalised BMD; Adam; validation by case (seeded
+split); checkpoints every 20 epochs (the paper), ``best`` by validation RMSE, ``last`` every epoch with the
+optimizer and RNG states for ``--resume``; CSV log; tqdm; CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from LumbarBMDLib.calibration import read_calibration
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.localisation import LEVEL_NAMES, LevelLocation, level_centres_in_image, locate_in_ct
+from LumbarBMDLib.patches import trabecular_patch
+from LumbarBMDLib.regression import BMD_CENTRE, BMD_SCALE, bmd_network
+from LumbarBMDLib.seg_training import resolve_device, split_cases
+from LumbarBMDLib.volume import read_ct
+from LumbarBMDLib.weights import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, sha256_of
+
+CT_FILES = ("ct.nii.gz", "ct.nrrd", "ct.mha", "ct.nii")
+LABEL_FILES = ("annotation_labels.nii.gz", "vertebrae.nii.gz")
+REFERENCE_FILE = "bmd_reference.csv"
+
+
+@dataclass
+class BMDTrainingConfig:
+    """Hyper-parameters of ``train-bmd`` (defaults: those of the shipped model)."""
+
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    cosine: bool = True  # cosine-annealed learning rate over ``epochs`` (else constant)
+    jitter: int = 8  # patches per level (jittered centres)
+    jitter_mm: float = 2.5
+    val_fraction: float = 0.2
+    checkpoint_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0
+
+
+@dataclass
+class PatchSet:
+    """Patches with their reference: ``images`` float32 ``(N, 3, 32, 32)``, ``bmd`` float32 ``(N,)`` mg/cm³,
+    ``case`` / ``level`` names per patch, and ``skipped`` (case, level, reason) for levels without a patch."""
+
+    images: np.ndarray
+    bmd: np.ndarray
+    case: list[str]
+    level: list[str]
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def read_reference(data_dir: Path) -> dict[str, dict[str, float]]:
+    """``{case: {level: bmd}}`` from ``DATA/bmd_reference.csv`` (empty when absent)."""
+    path = data_dir / REFERENCE_FILE
+    if not path.is_file():
+        return {}
+    ref: dict[str, dict[str, float]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"case", "level", "bmd_mg_cm3"} - set(reader.fieldnames or [])
+        if missing:
+            raise LumbarBMDError(f"{path}: missing column(s) {', '.join(sorted(missing))} (need case,level,bmd_mg_cm3)")
+        for i, row in enumerate(reader, start=2):
+            try:
+                value = float(row["bmd_mg_cm3"])
+            except ValueError:
+                raise LumbarBMDError(f"{path}, line {i}: bmd_mg_cm3 {row['bmd_mg_cm3']!r} is not a number") from None
+            if row["level"] not in LEVEL_NAMES:
+                raise LumbarBMDError(f"{path}, line {i}: level {row['level']!r} is not one of L1–L4")
+            ref.setdefault(row["case"], {})[row["level"]] = value
+    return ref
+
+
+def find_bmd_cases(data_dir: str | Path) -> list[Path]:
+    """Case folders under ``data_dir`` with a CT and a label file (sorted)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise LumbarBMDError(f"training data folder not found: {data_dir}")
+    folders = sorted({p.parent for name in CT_FILES for p in data_dir.rglob(name)
+                      if any((p.parent / lab).is_file() for lab in LABEL_FILES)})
+    if not folders:
+        raise LumbarBMDError(
+            f"no BMD training cases in {data_dir}: each case folder needs a CT ({' or '.join(CT_FILES[:2])}) and "
+            f"L1–L4 labels ({' or '.join(LABEL_FILES)})"
+        )
+    return folders
+
+
+def case_reference(folder: Path, table: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Reference BMD per level of one case: the CSV's rows, else ``truth.json``.
+
+    A phantom case with intravenous contrast (``truth.json`` variants) gives no reference: its trabecular HU carry
+    the enhancement (+10–15 HU) while its reference is the unenhanced QCT, which a patch cannot tell apart.
+    """
+    truth_path = folder / "truth.json"
+    if truth_path.is_file() and json.loads(truth_path.read_text(encoding="utf-8")).get("variants", {}).get("contrast"):
+        return {}
+    if folder.name in table:
+        return table[folder.name]
+    truth = folder / "truth.json"
+    if truth.is_file():
+        return {k: float(v) for k, v in json.loads(truth.read_text(encoding="utf-8"))["bmd_mg_cm3"].items()}
+    return {}
+
+
+def case_patches(folder: Path, reference: dict[str, float], jitter: int, jitter_mm: float,
+                 rng: np.random.Generator) -> PatchSet:
+    """Jittered patches of every level of one case that has a reference value (the first one unjittered)."""
+    ct_path = next(folder / n for n in CT_FILES if (folder / n).is_file())
+    label_path = next(folder / n for n in LABEL_FILES if (folder / n).is_file())
+    volume = read_ct(ct_path)
+    locations = locate_in_ct(level_centres_in_image(sitk.ReadImage(str(label_path))), volume)
+    images, bmd, levels, skipped = [], [], [], []
+    for loc in locations:
+        if loc.level not in reference:
+            continue
+        if not loc.found:
+            skipped.append((folder.name, loc.level, loc.reason))
+            continue
+        for j in range(jitter):
+            shift = np.zeros(3) if j == 0 else rng.uniform(-jitter_mm, jitter_mm, 3)
+            moved = LevelLocation(loc.level, True, "", loc.centre_lps + shift, loc.area_mm2, loc.index)
+            patch = trabecular_patch(volume, moved)
+            if not patch.found:
+                if j == 0:
+                    skipped.append((folder.name, loc.level, patch.reason))
+                    break
+                continue
+            images.append(patch.image)
+            bmd.append(reference[loc.level])
+            levels.append(loc.level)
+    arr = np.stack(images) if images else np.zeros((0, 3, 32, 32), np.float32)
+    return PatchSet(arr, np.asarray(bmd, np.float32), [folder.name] * len(images), levels, skipped)
+
+
+def build_patch_set(folders: list[Path], table: dict[str, dict[str, float]], config: BMDTrainingConfig,
+                    rng: np.random.Generator, jitter: int | None = None, progress: bool = False) -> PatchSet:
+    """:func:`case_patches` over ``folders``, concatenated."""
+    from tqdm import tqdm
+
+    sets = []
+    for folder in tqdm(folders, desc="patches", unit="case", disable=not progress, leave=False):
+        ref = case_reference(folder, table)
+        if ref:
+            sets.append(case_patches(folder, ref, config.jitter if jitter is None else jitter, config.jitter_mm, rng))
+    if not sets:
+        raise LumbarBMDError("no reference BMD values for any training case (bmd_reference.csv or truth.json)")
+    return PatchSet(np.concatenate([s.images for s in sets]), np.concatenate([s.bmd for s in sets]),
+                    [c for s in sets for c in s.case], [lv for s in sets for lv in s.level],
+                    [k for s in sets for k in s.skipped])
+
+
+def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random left–right / anterior–posterior flips and z-channel swap per patch ``(N, 3, 32, 32)``."""
+    out = x.copy()
+    for i in range(len(out)):
+        if rng.random() < 0.5:
+            out[i] = out[i, :, :, ::-1]
+        if rng.random() < 0.5:
+            out[i] = out[i, :, ::-1, :]
+        if rng.random() < 0.5:
+            out[i] = out[i, ::-1]
+    return out
+
+
+@torch.inference_mode()
+def evaluate_rmse(model: torch.nn.Module, data: PatchSet, device: torch.device) -> tuple[float, float]:
+    """(RMSE, mean error) in mg/cm³ of the unjittered prediction of ``data``."""
+    model.eval()
+    preds = []
+    for b in range(0, len(data.bmd), 256):
+        x = torch.from_numpy(np.ascontiguousarray(data.images[b : b + 256])).to(device)
+        preds.append(model(x)[:, 0].cpu().numpy() * BMD_SCALE + BMD_CENTRE)
+    err = np.concatenate(preds) - data.bmd if preds else np.zeros(0)
+    return (float(np.sqrt(np.mean(err**2))), float(np.mean(err))) if err.size else (float("nan"), float("nan"))
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """Cosine-annealed learning rate of ``epoch`` (1-based): ``base`` at epoch 1, → 0 at the end."""
+    return 0.5 * base * (1.0 + np.cos(np.pi * (epoch - 1) / max(epochs, 1)))
+
+
+def _checkpoint(path: Path, model, optimizer, epoch: int, best: float, config: BMDTrainingConfig,
+                rng: np.random.Generator) -> None:
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_tensors(tensors, path, {"epoch": epoch, "best_val_rmse": best, "config": asdict(config),
+                                 "optimizer": opt_meta, "rng.numpy": rng.bit_generator.state})
+
+
+def train_bmd(data_dir: str | Path, out_dir: str | Path, config: BMDTrainingConfig | None = None,
+              resume: bool = False, progress: bool = True, reference_calibration: str | Path | None = None) -> dict:
+    """Train the DenseNet-121 on the cases under ``data_dir``; write checkpoints, log and the model to ``out_dir``.
+
+    ``reference_calibration``: the training scanner's calibration JSON (``lumbarbmd calibrate``), stored in the
+    model card; inference maps other calibrated scanners onto it (:mod:`LumbarBMDLib.calibration`).
+
+    Returns the model card of the best model (``out_dir/regression.safetensors`` + ``.json``).
+    """
+    from monai.utils import set_determinism
+    from tqdm import tqdm
+
+    config = config or BMDTrainingConfig()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    set_determinism(seed=config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    reference_cal = read_calibration(reference_calibration).as_json() if reference_calibration else None
+    folders = find_bmd_cases(data_dir)
+    table = read_reference(data_dir)
+    train_dirs, val_dirs = split_cases(folders, config.val_fraction, config.seed)
+    patch_rng = np.random.default_rng(config.seed + 1)  # patches do not depend on the resume state
+    train = build_patch_set(train_dirs, table, config, patch_rng, progress=progress)
+    val = build_patch_set(val_dirs, table, config, patch_rng, jitter=1) if val_dirs else train
+    targets = (train.bmd - BMD_CENTRE) / BMD_SCALE
+
+    model = bmd_network().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    loss_fn = torch.nn.MSELoss()
+    start_epoch, best = 1, float("inf")
+    last = out_dir / "checkpoint_last.safetensors"
+    if resume:
+        if not last.is_file():
+            raise LumbarBMDError(f"--resume: no checkpoint to resume from in {out_dir}")
+        tensors, meta = load_tensors(last)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+        rng.bit_generator.state = meta["rng.numpy"]
+        start_epoch, best = int(meta["epoch"]) + 1, float(meta["best_val_rmse"])
+
+    log_path = out_dir / "train_log.csv"
+    new_log = not (resume and log_path.is_file())
+    with log_path.open("w" if new_log else "a", newline="", encoding="utf-8") as log:
+        writer = csv.writer(log)
+        if new_log:
+            writer.writerow(["epoch", "train_loss", "val_rmse_mg_cm3", "val_bias_mg_cm3", "lr", "seconds"])
+        for epoch in range(start_epoch, config.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            lr = cosine_lr(config.learning_rate, epoch, config.epochs) if config.cosine else config.learning_rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = rng.permutation(len(targets))
+            losses = []
+            for b in tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}/{config.epochs}",
+                          unit="batch", disable=not progress, leave=False):
+                idx = order[b : b + config.batch_size]
+                if len(idx) < 2:  # BatchNorm needs two samples
+                    continue
+                x = torch.from_numpy(np.ascontiguousarray(augment_batch(train.images[idx], rng))).to(device)
+                y = torch.from_numpy(targets[idx]).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x)[:, 0], y)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            rmse, bias = evaluate_rmse(model, val, device)
+            writer.writerow([epoch, f"{np.mean(losses):.5f}", f"{rmse:.3f}", f"{bias:.3f}", f"{lr:.2e}",
+                             f"{time.perf_counter() - t0:.1f}"])
+            log.flush()
+            if rmse < best:
+                best = rmse
+                save_tensors(dict(model.state_dict()), out_dir / "checkpoint_best.safetensors",
+                             {"epoch": epoch, "val_rmse": rmse, "val_bias": bias})
+            if epoch % config.checkpoint_every == 0:
+                _checkpoint(out_dir / f"checkpoint_epoch_{epoch:03d}.safetensors", model, optimizer, epoch, best,
+                            config, rng)
+            _checkpoint(last, model, optimizer, epoch, best, config, rng)
+            if progress:
+                print(f"epoch {epoch}: loss {np.mean(losses):.4f}, "
+                      f"validation RMSE {rmse:.2f} mg/cm³ (bias {bias:+.2f})")
+
+    best_tensors, best_meta = load_tensors(out_dir / "checkpoint_best.safetensors")
+    model.load_state_dict(best_tensors)
+    vendors = sorted({json.loads((f / "truth.json").read_text(encoding="utf-8")).get("vendor", "")
+                      for f in train_dirs if (f / "truth.json").is_file()} - {""})
+    card = {
+        "model": "DenseNet-121 trabecular-patch BMD regression",
+        "architecture": {"name": "DenseNet121", "library": "MONAI", "spatial_dims": 2, "in_channels": 3,
+                         "out_channels": 1, "parameters": sum(p.numel() for p in model.parameters())},
+        "input": {"patch": "3 x 32 x 32, 0.5 mm pixels (16 mm), channels z-1 mm, z, z+1 mm",
+                  "window_hu": [-150.0, 850.0], "normalisation": "window to [0, 255], then / 255"},
+        "output": {"bmd_mg_cm3": f"output * {BMD_SCALE} + {BMD_CENTRE}"},
+        "training": {"data": str(data_dir.resolve()), "cases_train": len(train_dirs), "cases_validation": len(val_dirs),
+                     "patches_train": len(train.bmd), "levels_skipped": len(train.skipped), "vendors": vendors,
+                     "epochs": config.epochs, "best_epoch": int(best_meta["epoch"]), "config": asdict(config),
+                     "device": str(device)},
+        "reference_calibration": reference_cal,
+        "metrics": {"validation_rmse_mg_cm3": float(best_meta["val_rmse"]),
+                    "validation_bias_mg_cm3": float(best_meta["val_bias"])},
+    }
+    path = out_dir / "regression.safetensors"
+    save_tensors(dict(model.state_dict()), path, {"architecture": card["architecture"]})
+    card["sha256"] = sha256_of(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=1), encoding="utf-8")
+    tmp.replace(path.with_suffix(".json"))
+    return card

@@ -1,0 +1,364 @@
+"""The paper's statistics (DESIGN.md "Method" 8), computed with scipy.stats and scikit-learn.
+
+BMD agreement (predicted vs QCT reference, mg/cm³):
+
+* **r² per vertebra** with a 95 % confidence interval: the square of the Pearson r and of the bounds of its
+  Fisher-z confidence interval (``scipy.stats.pearsonr(...).confidence_interval``; bounds clipped at r = 0);
+* **Pearson r** (with p) over all measured levels and over patients (mean of their levels);
+* **Bland–Altman**: bias = mean(predicted − reference), SD of the differences, limits of agreement
+  bias ± 1.96 SD, the bias's 95 % CI and a one-sample t-test of bias = 0;
+* **Wilcoxon signed-rank** test of predicted vs reference (``scipy.stats.wilcoxon``);
+* **Cohen's kappa** of the patients' categories (osteoporosis / osteopenia / normal;
+  ``sklearn.metrics.cohen_kappa_score``, unweighted as in the paper) and the **3 × 3 confusion matrix**
+  (rows reference, columns predicted);
+* **cohort characteristics**: chi-square test of independence (``scipy.stats.chi2_contingency``) for
+  categorical characteristics (sex, category, vendor, …) across cohorts; Kruskal–Wallis for continuous
+  ones (age, BMD), which a chi-square does not apply to.
+
+Segmentation: DSC / PPV / sensitivity per vertebra and the valid rate (:mod:`LumbarBMDLib.metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.regression import CATEGORIES, bmd_category
+
+LEVEL_NAMES = ("L1", "L2", "L3", "L4")
+
+
+@dataclass
+class Pairs:
+    """Paired BMD values: ``case`` / ``level`` per pair, ``predicted`` and ``reference`` (mg/cm³)."""
+
+    case: list[str]
+    level: list[str]
+    predicted: np.ndarray
+    reference: np.ndarray
+
+
+def r2_with_ci(predicted: np.ndarray, reference: np.ndarray, confidence: float = 0.95) -> dict:
+    """r² = Pearson r² with the squared Fisher-z CI of r (n ≥ 4 for a CI)."""
+    predicted, reference = np.asarray(predicted, float), np.asarray(reference, float)
+    if predicted.size < 3:
+        return {"n": int(predicted.size), "r2": float("nan"), "ci": [float("nan"), float("nan")]}
+    res = stats.pearsonr(predicted, reference)
+    if predicted.size >= 4:
+        ci = res.confidence_interval(confidence)
+        lo, hi = max(float(ci.low), 0.0), max(float(ci.high), 0.0)
+    else:
+        lo = hi = float("nan")
+    return {"n": int(predicted.size), "r2": float(res.statistic) ** 2, "ci": [lo**2, hi**2]}
+
+
+def pearson(predicted: np.ndarray, reference: np.ndarray) -> dict:
+    """Pearson r and its two-sided p."""
+    if len(predicted) < 3:
+        return {"n": len(predicted), "r": float("nan"), "p": float("nan")}
+    res = stats.pearsonr(predicted, reference)
+    return {"n": len(predicted), "r": float(res.statistic), "p": float(res.pvalue)}
+
+
+def bland_altman(predicted: np.ndarray, reference: np.ndarray) -> dict:
+    """Bias, SD, 95 % limits of agreement, the bias's 95 % CI and a t-test of bias = 0 (mg/cm³)."""
+    d = np.asarray(predicted, float) - np.asarray(reference, float)
+    n = d.size
+    if n < 2:
+        raise LumbarBMDError("Bland–Altman needs at least two pairs")
+    bias, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n))
+    t = stats.ttest_1samp(d, 0.0)
+    return {"n": n, "bias": bias, "sd": sd, "loa": [bias - 1.96 * sd, bias + 1.96 * sd],
+            "bias_ci": [bias - half, bias + half], "t_test_p": float(t.pvalue)}
+
+
+def wilcoxon(predicted: np.ndarray, reference: np.ndarray) -> dict:
+    """Wilcoxon signed-rank test of the paired differences (two-sided)."""
+    d = np.asarray(predicted, float) - np.asarray(reference, float)
+    if d.size < 2 or np.all(d == 0):
+        return {"n": int(d.size), "statistic": float("nan"), "p": float("nan")}
+    res = stats.wilcoxon(predicted, reference)
+    return {"n": int(d.size), "statistic": float(res.statistic), "p": float(res.pvalue)}
+
+
+def categories(values: np.ndarray) -> list[str]:
+    """Category of each BMD value."""
+    return [bmd_category(float(v)) for v in values]
+
+
+def category_agreement(predicted: list[str], reference: list[str]) -> dict:
+    """Cohen's kappa and the 3 × 3 confusion matrix (rows reference, columns predicted, order CATEGORIES)."""
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix
+
+    if not predicted:
+        return {"n": 0, "kappa": float("nan"), "confusion": [[0] * 3 for _ in range(3)], "labels": list(CATEGORIES)}
+    cm = confusion_matrix(reference, predicted, labels=list(CATEGORIES))
+    if len(set(predicted) | set(reference)) < 2:
+        kappa = 1.0 if predicted == reference else 0.0  # kappa is undefined with a single class; agreement says it
+    else:
+        kappa = float(cohen_kappa_score(reference, predicted, labels=list(CATEGORIES)))
+    return {"n": len(predicted), "kappa": kappa, "accuracy": float(np.trace(cm) / cm.sum()),
+            "confusion": cm.tolist(), "labels": list(CATEGORIES)}
+
+
+def cohort_characteristics(cohorts: dict[str, list[dict]], categorical: tuple[str, ...],
+                           continuous: tuple[str, ...]) -> dict:
+    """Compare cohorts (name → list of per-patient dicts): chi-square for categorical keys, Kruskal–Wallis
+    for continuous ones."""
+    out: dict[str, dict] = {}
+    names = list(cohorts)
+    for key in categorical:
+        values = sorted({str(p[key]) for c in cohorts.values() for p in c if p.get(key) is not None})
+        table = np.array([[sum(str(p.get(key)) == v for p in cohorts[n]) for v in values] for n in names])
+        table = table[:, table.sum(axis=0) > 0]
+        if table.shape[0] < 2 or table.shape[1] < 2:
+            out[key] = {"test": "chi-square", "table": table.tolist(), "values": values, "p": float("nan")}
+            continue
+        res = stats.chi2_contingency(table)
+        out[key] = {"test": "chi-square", "values": values, "cohorts": names, "table": table.tolist(),
+                    "chi2": float(res.statistic), "dof": int(res.dof), "p": float(res.pvalue)}
+    for key in continuous:
+        groups = [[float(p[key]) for p in cohorts[n] if p.get(key) is not None] for n in names]
+        summary = {n: {"mean": float(np.mean(g)), "sd": float(np.std(g, ddof=1)) if len(g) > 1 else 0.0}
+                   for n, g in zip(names, groups, strict=True) if g}
+        if sum(1 for g in groups if len(g) > 0) < 2:
+            out[key] = {"test": "Kruskal-Wallis", "summary": summary, "p": float("nan")}
+            continue
+        res = stats.kruskal(*[g for g in groups if g])
+        out[key] = {"test": "Kruskal-Wallis", "summary": summary, "H": float(res.statistic), "p": float(res.pvalue)}
+    return out
+
+
+def bmd_statistics(pairs: Pairs) -> dict:
+    """All BMD statistics of one cohort: per vertebra (r² with CI, Pearson, Bland–Altman, Wilcoxon), all levels
+    together, per patient (mean of the measured levels) and the patients' category agreement."""
+    pred, ref = pairs.predicted, pairs.reference
+    level = np.array(pairs.level)
+    per_level = {}
+    for name in LEVEL_NAMES:
+        m = level == name
+        if m.sum() >= 2:
+            per_level[name] = {"r2": r2_with_ci(pred[m], ref[m]), "pearson": pearson(pred[m], ref[m]),
+                               "bland_altman": bland_altman(pred[m], ref[m])}
+    patients = sorted(set(pairs.case))
+    case = np.array(pairs.case)
+    p_pred = np.array([pred[case == c].mean() for c in patients])
+    p_ref = np.array([ref[case == c].mean() for c in patients])
+    out = {
+        "levels": per_level,
+        "all_levels": {"r2": r2_with_ci(pred, ref), "pearson": pearson(pred, ref), "wilcoxon": wilcoxon(pred, ref),
+                       **({"bland_altman": bland_altman(pred, ref)} if pred.size >= 2 else {})},
+        "patients": {"n": len(patients), "pearson": pearson(p_pred, p_ref), "wilcoxon": wilcoxon(p_pred, p_ref),
+                     **({"bland_altman": bland_altman(p_pred, p_ref)} if len(patients) >= 2 else {}),
+                     "categories": category_agreement(categories(p_pred), categories(p_ref))},
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# plots
+# ------------------------------------------------------------------------------------------------------------
+def plot_bland_altman(pairs: Pairs, stats_ba: dict, path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from LumbarBMDLib.figures import LEVEL_COLOURS
+
+    mean = (pairs.predicted + pairs.reference) / 2
+    diff = pairs.predicted - pairs.reference
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+    for value, name in enumerate(LEVEL_NAMES, start=1):
+        m = np.array(pairs.level) == name
+        ax.scatter(mean[m], diff[m], s=12, color=np.array(LEVEL_COLOURS[value]) / 255, label=name, alpha=0.8)
+    ax.axhline(stats_ba["bias"], color="k", lw=1, label=f"bias {stats_ba['bias']:+.1f}")
+    for v in stats_ba["loa"]:
+        ax.axhline(v, color="k", lw=1, ls="--")
+    ax.text(ax.get_xlim()[1], stats_ba["loa"][1], f" +1.96 SD {stats_ba['loa'][1]:+.1f}", va="bottom", ha="right")
+    ax.text(ax.get_xlim()[1], stats_ba["loa"][0], f" −1.96 SD {stats_ba['loa'][0]:+.1f}", va="top", ha="right")
+    ax.set_xlabel("mean of predicted and reference BMD (mg/cm³)")
+    ax.set_ylabel("predicted − reference (mg/cm³)")
+    ax.set_title(title or "Bland–Altman")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_scatter(pairs: Pairs, r: float, path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from LumbarBMDLib.figures import LEVEL_COLOURS
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=110)
+    lo = float(min(pairs.predicted.min(), pairs.reference.min())) - 5
+    hi = float(max(pairs.predicted.max(), pairs.reference.max())) + 5
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+    for v in (80, 120):
+        ax.axvline(v, color="0.85", lw=0.8)
+        ax.axhline(v, color="0.85", lw=0.8)
+    for value, name in enumerate(LEVEL_NAMES, start=1):
+        m = np.array(pairs.level) == name
+        ax.scatter(pairs.reference[m], pairs.predicted[m], s=12, color=np.array(LEVEL_COLOURS[value]) / 255,
+                   label=name, alpha=0.8)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("reference BMD (QCT, mg/cm³)")
+    ax.set_ylabel("predicted BMD (mg/cm³)")
+    ax.set_title(title or f"predicted vs reference (r = {r:.3f})")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(agreement: dict, path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(agreement["confusion"])
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), dpi=110)
+    ax.imshow(cm, cmap="Blues")
+    for i in range(3):
+        for j in range(3):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "k")
+    ax.set_xticks(range(3), agreement["labels"], rotation=20)
+    ax.set_yticks(range(3), agreement["labels"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference (QCT)")
+    ax.set_title(title or f"categories (kappa = {agreement['kappa']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_evaluation(pairs: Pairs, out_dir: str | Path, extra: dict | None = None, title: str = "") -> dict:
+    """Compute :func:`bmd_statistics`, write ``evaluation.json`` and the three plots to ``out_dir``."""
+    if len(pairs.predicted) < 2:
+        raise LumbarBMDError("fewer than two measured levels with a reference value: nothing to evaluate")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = bmd_statistics(pairs)
+    result.update(extra or {})
+    plot_bland_altman(pairs, result["all_levels"]["bland_altman"], out_dir / "bland_altman.png", title)
+    plot_scatter(pairs, result["all_levels"]["pearson"]["r"], out_dir / "scatter.png", title)
+    plot_confusion(result["patients"]["categories"], out_dir / "confusion_matrix.png", title)
+    tmp = out_dir / ".evaluation.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
+    tmp.replace(out_dir / "evaluation.json")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# results folders (lumbarbmd evaluate RESULTS TRUTH --out DIR)
+# ------------------------------------------------------------------------------------------------------------
+def read_truth(truth: str | Path) -> dict[str, dict]:
+    """Reference per case: ``{case: {"bmd": {level: value}, "patient": {...}}}`` from a phantom cohort folder
+    (``<case>/truth.json``) or a CSV ``case,level,bmd_mg_cm3``."""
+    import csv
+
+    truth = Path(truth)
+    out: dict[str, dict] = {}
+    if truth.is_file() and truth.suffix.lower() == ".csv":
+        with truth.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"case", "level", "bmd_mg_cm3"} <= set(reader.fieldnames or []):
+                raise LumbarBMDError(f"{truth}: a reference CSV needs the columns case, level, bmd_mg_cm3")
+            for row in reader:
+                out.setdefault(row["case"], {"bmd": {}, "patient": {}})["bmd"][row["level"]] = float(row["bmd_mg_cm3"])
+        return out
+    if not truth.is_dir():
+        raise LumbarBMDError(f"reference not found: {truth} (a cohort folder with truth.json files, or a CSV)")
+    for path in sorted(truth.rglob("truth.json")):
+        t = json.loads(path.read_text(encoding="utf-8"))
+        case = t.get("case", path.parent.name)
+        out[case] = {"bmd": {k: float(v) for k, v in t["bmd_mg_cm3"].items()},
+                     "patient": {k: t.get(k) for k in ("vendor", "sex", "age", "category", "mean_bmd_mg_cm3")},
+                     "folder": str(path.parent)}
+    if not out:
+        raise LumbarBMDError(f"no truth.json under {truth}")
+    return out
+
+
+def collect_pairs(results_dir: str | Path, truth: dict[str, dict]) -> tuple[Pairs, dict]:
+    """Pair every measured level of ``<results_dir>/<case>/results.json`` with its reference.
+
+    Returns the pairs and a summary: cases read, failed, partial, unmatched, levels missing per reason.
+    """
+    results_dir = Path(results_dir)
+    files = sorted(results_dir.rglob("results.json"))
+    if not files:
+        raise LumbarBMDError(f"no results.json under {results_dir} (the output folder of 'lumbarbmd run')")
+    cases, levels, pred, ref = [], [], [], []
+    summary = {"cases": 0, "ok": 0, "partial": 0, "failed": 0, "unmatched": [], "missing_levels": {}}
+    for f in files:
+        res = json.loads(f.read_text(encoding="utf-8"))
+        case = f.parent.name
+        summary["cases"] += 1
+        summary[res.get("status", "failed")] = summary.get(res.get("status", "failed"), 0) + 1
+        if case not in truth:
+            summary["unmatched"].append(case)
+            continue
+        for v in res.get("vertebrae", []):
+            if not v.get("found"):
+                reason = v.get("reason", "not found")
+                summary["missing_levels"][reason] = summary["missing_levels"].get(reason, 0) + 1
+                continue
+            if v["level"] in truth[case]["bmd"]:
+                cases.append(case)
+                levels.append(v["level"])
+                pred.append(float(v["bmd_mg_cm3"]))
+                ref.append(truth[case]["bmd"][v["level"]])
+    return Pairs(cases, levels, np.array(pred), np.array(ref)), summary
+
+
+def evaluate_folder(results_dir: str | Path, truth_path: str | Path, out_dir: str | Path, title: str = "") -> dict:
+    """``lumbarbmd evaluate``: all statistics of a results folder against its reference, plots and JSON."""
+    truth = read_truth(truth_path)
+    pairs, summary = collect_pairs(results_dir, truth)
+    extra: dict = {"cases": summary}
+    seg = segmentation_from_folders(results_dir, truth)
+    if seg:
+        extra["segmentation"] = seg
+    return write_evaluation(pairs, out_dir, extra, title)
+
+
+def segmentation_from_folders(results_dir: str | Path, truth: dict[str, dict]) -> dict | None:
+    """DSC / PPV / sensitivity per vertebra and the valid rate, when the results hold ``sagittal_labels.nii.gz``
+    and the reference folders hold the 3-D ``vertebrae.nii.gz`` (resampled onto the same 16 mm slab)."""
+    import SimpleITK as sitk
+
+    from LumbarBMDLib.metrics import segmentation_metrics, summarise
+    from LumbarBMDLib.sagittal import ANNOTATION_SLICES, SagittalGeometry, sagittal_label_image
+    from LumbarBMDLib.volume import CTVolume
+
+    per_case = []
+    for f in sorted(Path(results_dir).rglob("sagittal_labels.nii.gz")):
+        case = f.parent.name
+        folder = truth.get(case, {}).get("folder")
+        if not folder or not (Path(folder) / "vertebrae.nii.gz").is_file():
+            continue
+        pred_img = sitk.ReadImage(str(f))
+        pred = sitk.GetArrayFromImage(pred_img)[0]
+        geom = SagittalGeometry.from_image(pred_img)
+        slab = geom.slab(ANNOTATION_SLICES)
+        ref_img = sitk.ReadImage(str(Path(folder) / "vertebrae.nii.gz"))
+        ref_vol = CTVolume.from_sitk(ref_img)
+        ref = sagittal_label_image(ref_vol, slab)
+        per_case.append(segmentation_metrics(pred, ref))
+    return summarise(per_case) if per_case else None

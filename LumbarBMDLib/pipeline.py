@@ -1,0 +1,151 @@
+"""The whole method on one CT: canal → sagittal candidates → R2U-Net → localisation → trabecular patches →
+DenseNet-121 → BMD per level, the patient's mean and category (DESIGN.md "Data flow of one case").
+
+:func:`measure` runs it on a loaded :class:`~LumbarBMDLib.volume.CTVolume`; :func:`measure_from_labels` re-enters
+at the label image (after a radiologist edited the segments). :func:`results_json` gives the ``results.json``
+object of the DESIGN.md contract.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from LumbarBMDLib import __version__
+from LumbarBMDLib.annotation import Annotation, prepare
+from LumbarBMDLib.calibration import ScannerCalibration
+from LumbarBMDLib.localisation import LevelLocation, locate_vertebrae
+from LumbarBMDLib.patches import TrabecularPatch, trabecular_patches
+from LumbarBMDLib.regression import LevelBMD, RegressionModel, patient_bmd, predict_bmd
+from LumbarBMDLib.sagittal import SagittalGeometry
+from LumbarBMDLib.segmentation import SegmentationModel, segment
+from LumbarBMDLib.segmentation_post import SegmentationResult
+from LumbarBMDLib.volume import CTVolume
+
+
+@dataclass
+class CaseResult:
+    """Everything measured on one case.
+
+    Attributes:
+        annotation: canal detection and the sagittal images.
+        segmentation: the fused, post-processed L1–L4 segmentation (None when labels were given).
+        labels: uint8 ``(512, 512)`` L1–L4 label image used for localisation, on ``label_geometry``.
+        label_geometry: its single-slice sagittal grid.
+        locations / patches / levels: per level L1..L4, in order.
+        mean_bmd_mg_cm3 / category: the patient's value (mean of the measured levels); NaN / "" when none.
+        hu_transform: the (a, b) applied to the HU before the patches (scanner calibration; identity if none).
+        calibration: the scanner calibration used, if any.
+        timings_s: seconds per stage.
+    """
+
+    annotation: Annotation
+    segmentation: SegmentationResult | None
+    labels: np.ndarray
+    label_geometry: SagittalGeometry
+    locations: list[LevelLocation]
+    patches: list[TrabecularPatch]
+    levels: list[LevelBMD]
+    mean_bmd_mg_cm3: float
+    category: str
+    hu_transform: tuple[float, float] = (1.0, 0.0)
+    calibration: ScannerCalibration | None = None
+    timings_s: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """"ok" (four levels measured), "partial" (one to three) or "failed" (none)."""
+        n = sum(lv.found for lv in self.levels)
+        return "ok" if n == 4 else ("partial" if n else "failed")
+
+
+def hu_transform_for(bmd_model: RegressionModel, calibration: ScannerCalibration | None) -> tuple[float, float]:
+    """(a, b) mapping this scanner's HU onto the regression model's reference scanner (identity without both)."""
+    reference = bmd_model.card.get("reference_calibration")
+    if calibration is None or not reference:
+        return 1.0, 0.0
+    return calibration.to_reference(ScannerCalibration.from_json(reference))
+
+
+def regress_from_labels(annotation: Annotation, labels: np.ndarray, geometry: SagittalGeometry,
+                        bmd_model: RegressionModel, hu_transform: tuple[float, float]
+                        ) -> tuple[list[LevelLocation], list[TrabecularPatch], list[LevelBMD], dict]:
+    """Localisation, patches and regression from a label image (the part that re-runs after an edit)."""
+    t = time.perf_counter()
+    locations = locate_vertebrae(labels, geometry, annotation.volume)
+    patches = trabecular_patches(annotation.volume, locations, hu_transform)
+    t_patch = time.perf_counter()
+    levels = predict_bmd(bmd_model, patches)
+    t_end = time.perf_counter()
+    return locations, patches, levels, {"patches": t_patch - t, "regress": t_end - t_patch}
+
+
+def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: RegressionModel,
+            calibration: ScannerCalibration | None = None) -> CaseResult:
+    """Run the whole method on one axial LPS CT (raises LumbarBMDError when no canal is found)."""
+    t0 = time.perf_counter()
+    annotation = prepare(volume)
+    t1 = time.perf_counter()
+    seg = segment(seg_model, annotation.images, annotation.canal.mean_centre_lps)
+    t2 = time.perf_counter()
+    transform = hu_transform_for(bmd_model, calibration)
+    locations, patches, levels, times = regress_from_labels(annotation, seg.labels, seg.geometry, bmd_model,
+                                                            transform)
+    mean, category = patient_bmd(levels)
+    timings = {"canal": t1 - t0, "segment": t2 - t1, **times, "total": time.perf_counter() - t0}
+    return CaseResult(annotation, seg, seg.labels, seg.geometry, locations, patches, levels, mean, category,
+                      transform, calibration, timings)
+
+
+def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: SagittalGeometry,
+                        bmd_model: RegressionModel, calibration: ScannerCalibration | None = None) -> CaseResult:
+    """Re-run localisation, patches and regression on edited labels (the Slicer correction loop)."""
+    transform = hu_transform_for(bmd_model, calibration)
+    locations, patches, levels, times = regress_from_labels(annotation, labels, geometry, bmd_model, transform)
+    mean, category = patient_bmd(levels)
+    return CaseResult(annotation, None, np.asarray(labels, np.uint8), geometry, locations, patches, levels, mean,
+                      category, transform, calibration, times)
+
+
+def _r(v, nd=3):
+    return None if v is None else [round(float(x), nd) for x in v]
+
+
+def results_json(result: CaseResult, source: str, seg_model: SegmentationModel | None,
+                 bmd_model: RegressionModel, timings: dict | None = None) -> dict:
+    """The ``results.json`` object (DESIGN.md contract) of a measured case."""
+    seg_levels = {s.level: s for s in result.segmentation.levels} if result.segmentation else {}
+    vertebrae = []
+    for loc, patch, lv in zip(result.locations, result.patches, result.levels, strict=True):
+        seg = seg_levels.get(lv.level)
+        entry = {"level": lv.level, "found": bool(lv.found),
+                 "bmd_mg_cm3": round(lv.bmd_mg_cm3, 1) if lv.found else None,
+                 "category": lv.category or None,
+                 "centre_lps": _r(loc.centre_lps),
+                 "confidence": round(float(seg.confidence), 3) if seg is not None and seg.found else None,
+                 "patch_centre_lps": _r(patch.centre_lps) if patch.found else None,
+                 "patch_mean_hu": round(patch.mean_hu, 1) if patch.found else None}
+        if not lv.found:
+            entry["reason"] = lv.reason
+        vertebrae.append(entry)
+    canal = result.annotation.canal
+    status = result.status
+    return {
+        "input": source,
+        "status": status,
+        "error": None if status != "failed" else "no level could be measured: " +
+        "; ".join(f"{lv.level}: {lv.reason}" for lv in result.levels),
+        "vertebrae": vertebrae,
+        "mean_bmd_mg_cm3": round(result.mean_bmd_mg_cm3, 1) if np.isfinite(result.mean_bmd_mg_cm3) else None,
+        "category": result.category or None,
+        "canal": {"mean_centre_lps": _r(canal.mean_centre_lps), "sagittal_x_lps": round(canal.sagittal_x_lps, 3),
+                  "slices_found": len(canal.slice_indices)},
+        "calibration": None if result.calibration is None else {
+            "slope": result.calibration.slope, "intercept": result.calibration.intercept,
+            "hu_transform": [round(v, 5) for v in result.hu_transform]},
+        "timings_s": {k: round(v, 3) for k, v in {**result.timings_s, **(timings or {})}.items()},
+        "models": {"segmentation": seg_model.sha256 if seg_model else None, "regression": bmd_model.sha256},
+        "version": __version__,
+    }

@@ -1,0 +1,140 @@
+"""DenseNet-121 BMD regression (paper §3.3, DESIGN.md "Method" 6–7): trabecular patches → BMD per level.
+
+The network is MONAI's ``DenseNet121(spatial_dims=2, in_channels=3, out_channels=1)`` (4 dense blocks, 3
+transitions, 6,954,881 parameters). Its output is a normalised BMD, ``(bmd − BMD_CENTRE) / BMD_SCALE``, so
+the regression head works near unit scale; :func:`predict_bmd` maps it back to mg/cm³ (K2HPO4-equivalent,
+QCT). Categories (ACR/ISCD spine QCT): < 80 osteoporosis, 80–120 osteopenia (both ends inclusive), > 120
+normal; the patient's value is the mean over the measured levels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.patches import PATCH_SIZE, TrabecularPatch
+from LumbarBMDLib.weights import load_tensors, sha256_of
+
+BMD_CENTRE = 110.0  # mg/cm³: output normalisation (≈ the middle of the adult range)
+BMD_SCALE = 50.0
+OSTEOPOROSIS_BELOW = 80.0
+NORMAL_ABOVE = 120.0
+CATEGORIES = ("osteoporosis", "osteopenia", "normal")
+
+
+def bmd_category(bmd_mg_cm3: float) -> str:
+    """< 80 osteoporosis, 80–120 osteopenia (inclusive), > 120 normal (mg/cm³, spine QCT, ACR/ISCD)."""
+    if not np.isfinite(bmd_mg_cm3):
+        raise ValueError("BMD must be finite")
+    if bmd_mg_cm3 < OSTEOPOROSIS_BELOW:
+        return "osteoporosis"
+    if bmd_mg_cm3 > NORMAL_ABOVE:
+        return "normal"
+    return "osteopenia"
+
+
+def bmd_network(in_channels: int = 3) -> torch.nn.Module:
+    """MONAI DenseNet-121 for 2-D patches ``(N, 3, 32, 32)`` → ``(N, 1)`` normalised BMD."""
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1)
+
+
+def models_dir() -> Path:
+    from LumbarBMDLib.segmentation import models_dir as _models_dir
+
+    return _models_dir()
+
+
+@dataclass
+class RegressionModel:
+    """A loaded DenseNet-121 with its model card."""
+
+    network: torch.nn.Module
+    card: dict
+    sha256: str
+    device: torch.device
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> RegressionModel:
+        """Load ``path`` (default: the shipped ``regression.safetensors``) and its ``.json`` model card."""
+        from LumbarBMDLib.seg_training import resolve_device
+
+        path = Path(path) if path else models_dir() / "regression.safetensors"
+        card_path = path.with_suffix(".json")
+        if not path.is_file() or not card_path.is_file():
+            raise LumbarBMDError(f"regression model not found: {path} (and its model card {card_path.name})")
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        digest = sha256_of(path)
+        if card.get("sha256") and card["sha256"] != digest:
+            raise LumbarBMDError(f"regression model {path} does not match its model card (sha256 differs)")
+        net = bmd_network(card["architecture"]["in_channels"])
+        tensors, _ = load_tensors(path)
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise LumbarBMDError(f"regression weights {path} do not fit DenseNet-121: {err}") from None
+        dev = resolve_device(device)
+        return cls(net.to(dev).eval(), card, digest, dev)
+
+
+@dataclass
+class LevelBMD:
+    """BMD of one level.
+
+    Attributes:
+        level: "L1".."L4".
+        found: whether a BMD was measured.
+        reason: why not ("" when measured).
+        bmd_mg_cm3: BMD (mg/cm³, QCT-equivalent); NaN when not measured.
+        category: "osteoporosis" | "osteopenia" | "normal"; "" when not measured.
+        centre_lps: LPS point (mm) of the patch centre; None when not measured.
+    """
+
+    level: str
+    found: bool
+    reason: str = ""
+    bmd_mg_cm3: float = float("nan")
+    category: str = ""
+    centre_lps: np.ndarray | None = None
+
+
+@torch.inference_mode()
+def predict_normalised(network: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """Network output for patches ``(N, 3, 32, 32)`` in [0, 1] → ``(N,)`` normalised BMD."""
+    if images.ndim != 4 or images.shape[1:] != (3, PATCH_SIZE, PATCH_SIZE):
+        raise ValueError(f"patches must be (N, 3, {PATCH_SIZE}, {PATCH_SIZE}), got {images.shape}")
+    network.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+    return network(x)[:, 0].float().cpu().numpy()
+
+
+def predict_bmd(model: RegressionModel, patches: list[TrabecularPatch]) -> list[LevelBMD]:
+    """BMD per level from its patch (one batch); levels without a patch keep their reason."""
+    found = [p for p in patches if p.found]
+    values = {}
+    if found:
+        y = predict_normalised(model.network, np.stack([p.image for p in found]), model.device)
+        values = {p.level: float(v) * BMD_SCALE + BMD_CENTRE for p, v in zip(found, y, strict=True)}
+    out = []
+    for p in patches:
+        if p.level in values:
+            bmd = values[p.level]
+            out.append(LevelBMD(p.level, True, "", bmd, bmd_category(bmd), p.centre_lps))
+        else:
+            out.append(LevelBMD(p.level, False, p.reason))
+    return out
+
+
+def patient_bmd(levels: list[LevelBMD]) -> tuple[float, str]:
+    """The patient's BMD (mean over the measured levels) and its category; (NaN, "") when none was measured."""
+    values = [lv.bmd_mg_cm3 for lv in levels if lv.found]
+    if not values:
+        return float("nan"), ""
+    mean = float(np.mean(values))
+    return mean, bmd_category(mean)

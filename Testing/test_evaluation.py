@@ -1,0 +1,90 @@
+"""The paper's statistics against hand-checked examples."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.evaluation import (
+    Pairs,
+    bland_altman,
+    category_agreement,
+    cohort_characteristics,
+    pearson,
+    r2_with_ci,
+    wilcoxon,
+    write_evaluation,
+)
+
+X = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+Y = np.array([2.0, 4.0, 5.0, 4.0, 5.0])
+
+
+def test_pearson_and_r2_ci_by_hand():
+    # r = Sxy / sqrt(Sxx Syy): Sxy = 6, Sxx = 10, Syy = 6  ->  r = 6 / sqrt(60) = 0.774597
+    assert pearson(X, Y)["r"] == pytest.approx(6 / math.sqrt(60))
+    res = r2_with_ci(X, Y)
+    assert res["r2"] == pytest.approx(0.6)
+    # Fisher z: z = atanh(r), SE = 1 / sqrt(n - 3); CI = tanh(z -/+ 1.959964 SE), clipped at 0, squared
+    z, se = math.atanh(6 / math.sqrt(60)), 1 / math.sqrt(2)
+    lo, hi = math.tanh(z - 1.959964 * se), math.tanh(z + 1.959964 * se)
+    assert res["ci"] == pytest.approx([max(lo, 0) ** 2, hi**2], abs=1e-5)
+
+
+def test_bland_altman_by_hand():
+    pred = np.array([102.0, 98.0, 111.0, 95.0])
+    ref = np.array([100.0, 100.0, 105.0, 97.0])
+    # differences 2, -2, 6, -2: mean 1, SD sqrt(((1)^2 + 3^2 + 5^2 + 3^2) / 3) = sqrt(44 / 3)
+    ba = bland_altman(pred, ref)
+    sd = math.sqrt(44 / 3)
+    assert ba["bias"] == pytest.approx(1.0) and ba["sd"] == pytest.approx(sd)
+    assert ba["loa"] == pytest.approx([1 - 1.96 * sd, 1 + 1.96 * sd])
+    half = 3.182446 * sd / 2  # t(0.975, 3) * SD / sqrt(4)
+    assert ba["bias_ci"] == pytest.approx([1 - half, 1 + half], abs=1e-4)
+    with pytest.raises(LumbarBMDError):
+        bland_altman(pred[:1], ref[:1])
+
+
+def test_wilcoxon_by_hand():
+    # all five differences positive: W- = 0; the exact two-sided p = 2 / 2^5 = 0.0625
+    res = wilcoxon(X + np.array([1, 2, 3, 4, 5]), X)
+    assert res["statistic"] == 0.0 and res["p"] == pytest.approx(0.0625)
+    assert math.isnan(wilcoxon(X, X)["p"])  # no differences: no test
+
+
+def test_kappa_and_confusion_by_hand():
+    ref = ["normal"] * 5 + ["osteopenia"] * 3 + ["osteoporosis"] * 2
+    pred = ["normal"] * 4 + ["osteopenia"] + ["osteopenia"] * 2 + ["osteoporosis"] + ["osteoporosis"] * 2
+    res = category_agreement(pred, ref)
+    # rows reference (osteoporosis, osteopenia, normal), columns predicted
+    assert res["confusion"] == [[2, 0, 0], [1, 2, 0], [0, 1, 4]]
+    # p_o = 8/10; p_e = (2*3 + 3*3 + 5*4) / 100 = 0.35; kappa = (0.8 - 0.35) / 0.65
+    assert res["kappa"] == pytest.approx(0.45 / 0.65)
+    assert res["accuracy"] == pytest.approx(0.8)
+
+
+def test_cohort_characteristics_by_hand():
+    a = [{"sex": "F", "age": float(v)} for v in range(10)] + [{"sex": "M", "age": 50.0} for _ in range(20)]
+    b = [{"sex": "F", "age": 60.0} for _ in range(20)] + [{"sex": "M", "age": 70.0} for _ in range(10)]
+    res = cohort_characteristics({"A": a, "B": b}, ("sex",), ("age",))
+    # 2 x 2 table [[10, 20], [20, 10]], expected 15 everywhere; Yates: 4 * (|5| - 0.5)^2 / 15 = 5.4
+    assert res["sex"]["table"] == [[10, 20], [20, 10]] and res["sex"]["chi2"] == pytest.approx(5.4)
+    assert res["sex"]["dof"] == 1 and 0.01 < res["sex"]["p"] < 0.05
+    assert res["age"]["test"] == "Kruskal-Wallis" and res["age"]["p"] < 0.001
+
+
+def test_write_evaluation_files(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(50, 180, 40)
+    pairs = Pairs([f"c{i // 4}" for i in range(40)], ["L1", "L2", "L3", "L4"] * 10, ref + rng.normal(1, 3, 40), ref)
+    res = write_evaluation(pairs, tmp_path)
+    for name in ("evaluation.json", "bland_altman.png", "scatter.png", "confusion_matrix.png"):
+        assert (tmp_path / name).stat().st_size > 1000 or name == "evaluation.json"
+    saved = json.loads((tmp_path / "evaluation.json").read_text(encoding="utf-8"))
+    assert saved["all_levels"]["pearson"]["r"] == pytest.approx(res["all_levels"]["pearson"]["r"])
+    assert set(saved["levels"]) == {"L1", "L2", "L3", "L4"} and saved["patients"]["n"] == 10
+    assert saved["all_levels"]["pearson"]["r"] > 0.99
