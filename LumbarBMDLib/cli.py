@@ -149,7 +149,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
     config = SegTrainingConfig(width=args.width, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.lr, crop=args.crop, crop_rows=args.crop_rows,
                                crops_per_case=args.crops_per_case, val_fraction=args.val_fraction,
-                               seed=args.seed, device=args.device)
+                               seed=args.seed, device=args.device, init=args.init or "")
     card = train_segmentation(args.data, args.out, config, resume=args.resume, progress=not args.quiet)
     dsc = card["metrics"]["validation_dsc"]
     print("best validation DSC: " + ", ".join(f"{k} {v:.3f}" for k, v in dsc.items()))
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.safetensors")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--init", help="start from this model's weights (fine-tuning on new annotations)")
     p.set_defaults(func=cmd_train_seg)
 
     p = sub.add_parser("train-bmd", help="train the DenseNet-121 BMD regression on CTs, L1-L4 labels and QCT values")

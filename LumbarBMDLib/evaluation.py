@@ -335,6 +335,14 @@ def evaluate_folder(results_dir: str | Path, truth_path: str | Path, out_dir: st
     seg = segmentation_from_folders(results_dir, truth)
     if seg:
         extra["segmentation"] = seg
+    evaluated = set(pairs.case)
+    groups: dict[str, list[dict]] = {}
+    for case, t in truth.items():
+        if case in evaluated and t["patient"].get("vendor"):
+            groups.setdefault(f"vendor {t['patient']['vendor']}", []).append(t["patient"])
+    if len(groups) >= 2:  # the paper's cohort comparison (chi-square) between the scanners' cohorts
+        extra["cohort_characteristics"] = cohort_characteristics(groups, ("sex", "category"),
+                                                                 ("age", "mean_bmd_mg_cm3"))
     return write_evaluation(pairs, out_dir, extra, title)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class SegTrainingConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0  # 0: torch's default
+    init: str = ""  # start from this model's weights (fine-tuning, e.g. on a site's own annotations)
     scan_cut_prob: float = 0.3  # probability of each scan-range cut (top: through T12/T11, bottom: through the sacrum)
 
 
@@ -79,12 +81,18 @@ class SegCase:
     meta: dict = field(default_factory=dict)
 
 
+def files_named(root: Path, name: str) -> list[Path]:
+    """Every file called ``name`` under ``root``, following symbolic links to folders (a training set is often
+    assembled from links to case folders)."""
+    return [Path(d) / name for d, _, files in os.walk(root, followlinks=True) if name in files]
+
+
 def find_pairs(data_dir: str | Path) -> list[Path]:
     """Case folders under ``data_dir`` that hold both files of a training pair (sorted)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise LumbarBMDError(f"training data folder not found: {data_dir}")
-    folders = sorted({p.parent for p in data_dir.rglob(IMAGE_FILE) if (p.parent / LABEL_FILE).is_file()})
+    folders = sorted({p.parent for p in files_named(data_dir, IMAGE_FILE) if (p.parent / LABEL_FILE).is_file()})
     if not folders:
         raise LumbarBMDError(
             f"no training pairs in {data_dir}: each case folder needs {IMAGE_FILE} and {LABEL_FILE} "
@@ -289,6 +297,12 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
     val_cases = [load_pair(f) for f in val_dirs]
 
     model = r2unet_from_width(config.width).to(device)
+    if config.init and not resume:
+        tensors, _ = load_tensors(config.init)
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise LumbarBMDError(f"--init {config.init} does not fit a width-{config.width} R2U-Net: {err}") from None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     transforms = augmentation(config.seed)
@@ -366,7 +380,9 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
         "labels": {"0": "background", "1": "L1", "2": "L2", "3": "L3", "4": "L4"},
         "training": {"data": str(Path(data_dir).resolve()), "cases_train": len(train_cases),
                      "cases_validation": len(val_cases), "vendors": vendors, "epochs": config.epochs,
-                     "best_epoch": int(best_meta["epoch"]), "config": asdict(config), "device": str(device)},
+                     "best_epoch": int(best_meta["epoch"]), "config": asdict(config), "device": str(device),
+                     **({"initialised_from": {"path": config.init, "sha256": sha256_of(config.init)}}
+                        if config.init else {})},
         "metrics": {
             "validation_dsc_before_bn_recalibration": dict(zip(LEVELS, map(float, best_meta["val_dice"]), strict=True)),
             "validation_dsc": dict(zip(LEVELS, map(float, recalibrated), strict=True)),

@@ -88,3 +88,26 @@ def test_write_evaluation_files(tmp_path):
     assert saved["all_levels"]["pearson"]["r"] == pytest.approx(res["all_levels"]["pearson"]["r"])
     assert set(saved["levels"]) == {"L1", "L2", "L3", "L4"} and saved["patients"]["n"] == 10
     assert saved["all_levels"]["pearson"]["r"] > 0.99
+
+
+def test_evaluate_folder_compares_the_vendors_cohorts(tmp_path):
+    from LumbarBMDLib.evaluation import evaluate_folder
+
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        vendor, case = "AB"[i % 2], f"{'AB'[i % 2]}_{i:06d}"
+        bmd = {lv: float(rng.uniform(60, 170)) for lv in ("L1", "L2", "L3", "L4")}
+        mean = float(np.mean(list(bmd.values())))
+        truth = {"case": case, "bmd_mg_cm3": bmd, "mean_bmd_mg_cm3": mean, "vendor": vendor, "sex": "FM"[i % 3 == 0],
+                 "age": 50.0 + i, "category": "normal" if mean > 120 else "osteopenia"}
+        (tmp_path / "truth" / case).mkdir(parents=True)
+        (tmp_path / "truth" / case / "truth.json").write_text(json.dumps(truth), encoding="utf-8")
+        vertebrae = [{"level": lv, "found": True, "bmd_mg_cm3": v + rng.normal(0, 2)} for lv, v in bmd.items()]
+        (tmp_path / "results" / case).mkdir(parents=True)
+        (tmp_path / "results" / case / "results.json").write_text(
+            json.dumps({"status": "ok", "vertebrae": vertebrae}), encoding="utf-8")
+    res = evaluate_folder(tmp_path / "results", tmp_path / "truth", tmp_path / "out")
+    chars = res["cohort_characteristics"]
+    assert chars["sex"]["test"] == "chi-square" and chars["sex"]["cohorts"] == ["vendor A", "vendor B"]
+    assert np.array(chars["sex"]["table"]).sum() == 12 and 0.0 <= chars["sex"]["p"] <= 1.0
+    assert chars["age"]["test"] == "Kruskal-Wallis" and res["all_levels"]["pearson"]["n"] == 48

@@ -66,6 +66,14 @@ def test_scan_range_cut_blanks_only_outside_l1_l4(data):
     assert 8 <= cut_top <= 32 and 8 <= cut_bottom <= 32  # each cut with probability 0.5
 
 
+def test_pairs_found_through_symlinked_case_folders(data, tmp_path):
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for folder in find_pairs(data):
+        (linked / folder.name).symlink_to(folder, target_is_directory=True)
+    assert [f.name for f in find_pairs(linked)] == [f.name for f in find_pairs(data)]
+
+
 def test_bad_training_folder(tmp_path):
     with pytest.raises(LumbarBMDError, match="not found"):
         find_pairs(tmp_path / "missing")
@@ -137,3 +145,22 @@ def test_resume_without_checkpoint_is_an_error(data, tmp_path):
         train_segmentation(
             data, tmp_path / "none", SegTrainingConfig(width=4, epochs=1, crop=64), resume=True, progress=False
         )
+
+
+def test_fine_tuning_starts_from_the_given_model(data, tmp_path):
+    cfg = SegTrainingConfig(width=4, epochs=1, batch_size=2, crop=128, crop_rows=128, crops_per_case=1, seed=2,
+                            device="cpu")
+    base = train_segmentation(data, tmp_path / "base", cfg, progress=False)
+    init = tmp_path / "base" / "segmentation.safetensors"
+    tuned = train_segmentation(data, tmp_path / "tuned", SegTrainingConfig(**{**cfg.__dict__, "init": str(init),
+                                                                              "learning_rate": 0.0}), progress=False)
+    assert tuned["training"]["initialised_from"]["sha256"] == base["sha256"]
+    # with a zero learning rate fine-tuning changes no weight: training really started from the given model
+    a = load_tensors(init)[0]
+    b = load_tensors(tmp_path / "tuned" / "checkpoint_last.safetensors")[0]
+    for key, value in a.items():
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(b[f"model.{key}"], value)
+    with pytest.raises(LumbarBMDError, match="does not fit"):
+        train_segmentation(data, tmp_path / "bad", SegTrainingConfig(**{**cfg.__dict__, "width": 8,
+                                                                        "init": str(init)}), progress=False)
