@@ -13,8 +13,6 @@ import SimpleITK as sitk
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.volume import CTVolume, read_ct, write_volume
 
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "totalseg-example"
-
 SHAPE = (16, 20, 24)  # (nz, ny, nx)
 SPACING = (0.7, 0.8, 2.5)  # mm along i, j, k
 ORIGIN = (12.5, -40.0, 100.0)
@@ -542,10 +540,8 @@ def test_non_orthogonal_direction(tmp_path: Path) -> None:
 
 
 @pytest.mark.real
-def test_real_ct(tmp_path: Path) -> None:
-    path = REAL_DIR / "ct.nii.gz"
-    if not path.exists():
-        pytest.skip(f"real CT not available: {path}")
+def test_real_ct(tmp_path: Path, real_dir: Path) -> None:
+    path = real_dir / "ct.nii.gz"
     original = sitk.ReadImage(str(path))
     vol = read_ct(path)
     assert vol.shape == (112, 101, 122)
