@@ -38,7 +38,7 @@ from LumbarBMDLib.patches import trabecular_patch
 from LumbarBMDLib.regression import BMD_CENTRE, BMD_SCALE, bmd_network
 from LumbarBMDLib.seg_training import files_named, resolve_device, split_cases
 from LumbarBMDLib.volume import read_ct
-from LumbarBMDLib.weights import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, sha256_of
+from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
 
 CT_FILES = ("ct.nii.gz", "ct.nrrd", "ct.mha", "ct.nii")
 LABEL_FILES = ("annotation_labels.nii.gz", "vertebrae.nii.gz")
@@ -207,12 +207,7 @@ def cosine_lr(base: float, epoch: int, epochs: int) -> float:
 
 def _checkpoint(path: Path, model, optimizer, epoch: int, best: float, config: BMDTrainingConfig,
                 rng: np.random.Generator) -> None:
-    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(opt_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_tensors(tensors, path, {"epoch": epoch, "best_val_rmse": best, "config": asdict(config),
-                                 "optimizer": opt_meta, "rng.numpy": rng.bit_generator.state})
+    save_checkpoint(path, model, optimizer, rng, {"epoch": epoch, "best_val_rmse": best, "config": asdict(config)})
 
 
 def train_bmd(data_dir: str | Path, out_dir: str | Path, config: BMDTrainingConfig | None = None,
@@ -252,13 +247,7 @@ def train_bmd(data_dir: str | Path, out_dir: str | Path, config: BMDTrainingConf
     start_epoch, best = 1, float("inf")
     last = out_dir / "checkpoint_last.safetensors"
     if resume:
-        if not last.is_file():
-            raise LumbarBMDError(f"--resume: no checkpoint to resume from in {out_dir}")
-        tensors, meta = load_tensors(last)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        rng.bit_generator.state = meta["rng.numpy"]
+        meta = resume_checkpoint(last, model, optimizer, rng)
         start_epoch, best = int(meta["epoch"]) + 1, float(meta["best_val_rmse"])
 
     log_path = out_dir / "train_log.csv"

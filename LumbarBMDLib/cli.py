@@ -20,19 +20,6 @@ from LumbarBMDLib.errors import LumbarBMDError
 DEMO_SEED = 2026  # the embedded default case of `lumbarbmd demo`
 
 
-def _level_table(truth: dict) -> str:
-    """A fixed-width table of the phantom's truth per lumbar level."""
-    lines = [f"{'level':<6}{'BMD mg/cm3':>11}  {'category':<13}{'trab. HU':>9}  {'in view':>7}  centre LPS (mm)"]
-    for name in ("L1", "L2", "L3", "L4"):
-        lv = truth["levels"][name]
-        centre = ", ".join(f"{c:.1f}" for c in lv["centre_lps"])
-        seen = "yes" if name in truth["levels_in_view"] else "no"
-        lines.append(f"{name:<6}{lv['bmd_mg_cm3']:>11.1f}  {lv['category']:<13}{lv['trabecular_hu']:>9.1f}  "
-                     f"{seen:>7}  ({centre})")
-    lines.append(f"{'mean':<6}{truth['mean_bmd_mg_cm3']:>11.1f}  {truth['category']}")
-    return "\n".join(lines)
-
-
 def cmd_phantom(args: argparse.Namespace) -> int:
     """Write a phantom cohort."""
     from LumbarBMDLib.phantom import generate_cohort
@@ -52,33 +39,66 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate the embedded default phantom case, describe it and write a preview."""
-    from LumbarBMDLib.figures import case_preview
+    """The main job on the embedded default: make a phantom CT, run the whole pipeline, print the table."""
+    from LumbarBMDLib.batch import run_case
     from LumbarBMDLib.phantom import generate_case, write_case
+    from LumbarBMDLib.regression import RegressionModel
+    from LumbarBMDLib.segmentation import SegmentationModel
 
     case = generate_case(args.seed, "A", args.size, "none")
-    folder = write_case(case, args.out)
-    l3 = case.truth["levels"]["L3"]["centre_lps"]
-    k = round(float(case.ct.lps_to_index(l3)[2]))
-    png = case_preview(case.annotation_image, case.annotation_labels, case.ct, k, folder / "preview.png",
-                       title=f"phantom {case.case_id}: mean BMD {case.truth['mean_bmd_mg_cm3']:.1f} mg/cm³")
+    out = Path(args.out)
+    folder = write_case(case, out / "phantom")
     t = case.truth
     nz, ny, nx = case.ct.shape
     sx, sy, sz = case.ct.spacing
     print(f"LumbarBMD {__version__} demo: synthetic lumbar CT (phantom), vendor {t['vendor']}, seed {t['seed']}")
-    print(f"CT: {nx} x {ny} x {nz} voxels, {sx:.2f} x {sy:.2f} x {sz:.2f} mm, "
-          f"HU {int(case.ct.hu.min())}..{int(case.ct.hu.max())}")
-    print(f"canal (truth): on {len(t['canal']['centres_lps'])} axial slices, mean sagittal plane x = "
-          f"{t['canal']['sagittal_x_lps']:.1f} mm (LPS)")
+    print(f"CT: {nx} x {ny} x {nz} voxels, {sx:.2f} x {sy:.2f} x {sz:.2f} mm -> {folder / 'ct.nii.gz'}")
+    seg = SegmentationModel.load(device=args.device)
+    bmd = RegressionModel.load(device=args.device)
+    results = run_case(folder / "ct.nii.gz", out / case.case_id, seg, bmd, None)
+    if results["status"] == "failed":
+        raise LumbarBMDError(results["error"])
     print()
-    print("Ground truth per level (QCT-equivalent BMD):")
-    print(_level_table(t))
-    print()
-    print(f"case folder: {folder}")
-    print(f"preview:     {png}")
-    print("The segmentation and regression stages are not in this version yet: this demo shows the phantom")
-    print("case the pipeline will be run on and its ground truth.")
+    print("level  BMD mg/cm3  category      confidence   truth mg/cm3")
+    for v in results["vertebrae"]:
+        truth = t["bmd_mg_cm3"].get(v["level"])
+        if v["found"]:
+            print(f"{v['level']:<5}  {v['bmd_mg_cm3']:>10.1f}  {v['category']:<12}  {v['confidence']:>10.2f}   "
+                  f"{truth:>12.1f}")
+        else:
+            print(f"{v['level']:<5}  {'-':>10}  {v.get('reason', '')}")
+    print(f"mean   {results['mean_bmd_mg_cm3']:>10.1f}  {results['category']:<12}  {'':>10}   "
+          f"{t['mean_bmd_mg_cm3']:>12.1f}")
+    tm = results["timings_s"]
+    print(f"\nstatus {results['status']}; time {tm['total']:.1f} s (load {tm['load']:.1f}, canal {tm['canal']:.1f}, "
+          f"segment {tm['segment']:.1f}, regress {tm['regress']:.2f})")
+    print(f"report:  {(out / case.case_id / 'report.html').resolve()}")
+    print(f"results: {(out / case.case_id / 'results.json').resolve()}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole method over CT files and DICOM folders."""
+    from LumbarBMDLib.batch import run_batch
+    from LumbarBMDLib.calibration import read_calibration
+
+    calibration = read_calibration(args.calibration) if args.calibration else None
+    outcomes = run_batch(args.inputs, args.out, device=args.device, force=args.force, calibration=calibration,
+                         seg_model_path=args.seg_model, bmd_model_path=args.bmd_model, progress=not args.quiet)
+    counts = {s: sum(o.results.get("status") == s for o in outcomes) for s in ("ok", "partial", "failed")}
+    skipped = sum(o.skipped for o in outcomes)
+    for o in outcomes:
+        r = o.results
+        if r["status"] == "failed":
+            print(f"{o.case}: failed: {r['error']}")
+        else:
+            missing = [v["level"] for v in r["vertebrae"] if not v["found"]]
+            extra = f", missing {' '.join(missing)}" if missing else ""
+            print(f"{o.case}: {r['status']}, mean BMD {r['mean_bmd_mg_cm3']:.1f} mg/cm³ ({r['category']}){extra}"
+                  + (" [already done]" if o.skipped else ""))
+    print(f"{len(outcomes)} case(s): {counts['ok']} ok, {counts['partial']} partial, {counts['failed']} failed"
+          + (f" ({skipped} already done, skipped)" if skipped else "") + f"; summary: {Path(args.out) / 'summary.csv'}")
+    return 1 if counts["failed"] else 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -223,7 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lumbarbmd-demo", help="output folder (default: ./lumbarbmd-demo)")
     p.add_argument("--size", choices=["full", "small"], default="full", help="phantom size (default: full)")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="the whole method on CT files and DICOM folders (batch)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI / NRRD / MHA file or DICOM folder")
+    p.add_argument("--out", required=True, help="output folder: OUT/<case>/results.json, ..., OUT/summary.csv")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--calibration", help="scanner calibration JSON (lumbarbmd calibrate) for these scans")
+    p.add_argument("--force", action="store_true", help="run again cases already finished")
+    p.add_argument("--seg-model", help="segmentation .safetensors (default: the shipped model)")
+    p.add_argument("--bmd-model", help="regression .safetensors (default: the shipped model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("phantom", help="write synthetic lumbar CTs with exact ground truth")
     p.add_argument("out", help="output folder: OUT/<case>/ct.nii.gz, vertebrae.nii.gz, truth.json, OUT/cohort.csv")

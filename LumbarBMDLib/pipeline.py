@@ -16,7 +16,13 @@ import numpy as np
 from LumbarBMDLib import __version__
 from LumbarBMDLib.annotation import Annotation, prepare
 from LumbarBMDLib.calibration import ScannerCalibration
-from LumbarBMDLib.localisation import LevelLocation, locate_vertebrae
+from LumbarBMDLib.localisation import (
+    REASON_UNANCHORED,
+    LevelLocation,
+    level_centres,
+    locate_vertebrae,
+    numbering_anchor,
+)
 from LumbarBMDLib.patches import TrabecularPatch, trabecular_patches
 from LumbarBMDLib.regression import LevelBMD, RegressionModel, patient_bmd, predict_bmd
 from LumbarBMDLib.sagittal import SagittalGeometry
@@ -39,6 +45,8 @@ class CaseResult:
         hu_transform: the (a, b) applied to the HU before the patches (scanner calibration; identity if none).
         calibration: the scanner calibration used, if any.
         timings_s: seconds per stage.
+        numbering_anchor: what fixes the level numbering: "sacrum" or "T12" in view, None when neither is
+            (then no level is measured), "edited labels" when a person drew the labels.
     """
 
     annotation: Annotation
@@ -53,6 +61,7 @@ class CaseResult:
     hu_transform: tuple[float, float] = (1.0, 0.0)
     calibration: ScannerCalibration | None = None
     timings_s: dict = field(default_factory=dict)
+    numbering_anchor: str | None = "edited labels"
 
     @property
     def status(self) -> str:
@@ -91,12 +100,22 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
     seg = segment(seg_model, annotation.images, annotation.canal.mean_centre_lps)
     t2 = time.perf_counter()
     transform = hu_transform_for(bmd_model, calibration)
-    locations, patches, levels, times = regress_from_labels(annotation, seg.labels, seg.geometry, bmd_model,
+    labels = seg.labels
+    corners = volume.index_to_lps(np.array([[0, 0, 0], [0, 0, volume.hu.shape[0] - 1]], dtype=float))
+    anchor = numbering_anchor(level_centres(labels, seg.geometry), (float(corners[:, 2].min()),
+                                                                    float(corners[:, 2].max())))
+    if anchor is None and labels.any():  # a guessed numbering would attach BMDs to the wrong vertebrae
+        labels = np.zeros_like(labels)
+    locations, patches, levels, times = regress_from_labels(annotation, labels, seg.geometry, bmd_model,
                                                             transform)
+    if anchor is None:
+        for group in (locations, patches, levels):
+            for item in group:
+                item.found, item.reason = False, REASON_UNANCHORED
     mean, category = patient_bmd(levels)
     timings = {"canal": t1 - t0, "segment": t2 - t1, **times, "total": time.perf_counter() - t0}
-    return CaseResult(annotation, seg, seg.labels, seg.geometry, locations, patches, levels, mean, category,
-                      transform, calibration, timings)
+    return CaseResult(annotation, seg, labels, seg.geometry, locations, patches, levels, mean, category,
+                      transform, calibration, timings, anchor)
 
 
 def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: SagittalGeometry,
@@ -107,6 +126,16 @@ def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: Sa
     mean, category = patient_bmd(levels)
     return CaseResult(annotation, None, np.asarray(labels, np.uint8), geometry, locations, patches, levels, mean,
                       category, transform, calibration, times)
+
+
+def _failure(levels: list[LevelBMD]) -> str:
+    """Why no level was measured, each distinct reason once."""
+    reasons: dict[str, list[str]] = {}
+    for lv in levels:
+        reasons.setdefault(lv.reason, []).append(lv.level)
+    if len(reasons) == 1:
+        return "no level could be measured: " + next(iter(reasons)).removeprefix("not found: ")
+    return "no level could be measured: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in reasons.items())
 
 
 def _r(v, nd=3):
@@ -135,11 +164,11 @@ def results_json(result: CaseResult, source: str, seg_model: SegmentationModel |
     return {
         "input": source,
         "status": status,
-        "error": None if status != "failed" else "no level could be measured: " +
-        "; ".join(f"{lv.level}: {lv.reason}" for lv in result.levels),
+        "error": None if status != "failed" else _failure(result.levels),
         "vertebrae": vertebrae,
         "mean_bmd_mg_cm3": round(result.mean_bmd_mg_cm3, 1) if np.isfinite(result.mean_bmd_mg_cm3) else None,
         "category": result.category or None,
+        "level_numbering_anchor": result.numbering_anchor,
         "canal": {"mean_centre_lps": _r(canal.mean_centre_lps), "sagittal_x_lps": round(canal.sagittal_x_lps, 3),
                   "slices_found": len(canal.slice_indices)},
         "calibration": None if result.calibration is None else {

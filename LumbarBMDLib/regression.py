@@ -9,7 +9,6 @@ normal; the patient's value is the mean over the measured levels.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.patches import PATCH_SIZE, TrabecularPatch
-from LumbarBMDLib.weights import load_tensors, sha256_of
+from LumbarBMDLib.weights import load_model_card, load_tensors
 
 BMD_CENTRE = 110.0  # mg/cm³: output normalisation (≈ the middle of the adult range)
 BMD_SCALE = 50.0
@@ -66,13 +65,7 @@ class RegressionModel:
         from LumbarBMDLib.seg_training import resolve_device
 
         path = Path(path) if path else models_dir() / "regression.safetensors"
-        card_path = path.with_suffix(".json")
-        if not path.is_file() or not card_path.is_file():
-            raise LumbarBMDError(f"regression model not found: {path} (and its model card {card_path.name})")
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        digest = sha256_of(path)
-        if card.get("sha256") and card["sha256"] != digest:
-            raise LumbarBMDError(f"regression model {path} does not match its model card (sha256 differs)")
+        card, digest = load_model_card(path, "regression")
         net = bmd_network(card["architecture"]["in_channels"])
         tensors, _ = load_tensors(path)
         try:

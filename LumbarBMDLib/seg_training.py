@@ -38,13 +38,7 @@ from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.metrics import segmentation_metrics
 from LumbarBMDLib.r2unet import count_parameters, r2unet_from_width
 from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE, WINDOW_HU, network_window, window_to_unit
-from LumbarBMDLib.weights import (
-    load_tensors,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    save_tensors,
-    sha256_of,
-)
+from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
 
 IMAGE_FILE = "annotation_image.nii.gz"
 LABEL_FILE = "annotation_labels.nii.gz"
@@ -255,12 +249,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, cases: list[SegCase], device: 
 
 def _checkpoint(path: Path, model, optimizer, epoch: int, best: float, config: SegTrainingConfig,
                 rng: np.random.Generator) -> None:
-    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(opt_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_tensors(tensors, path, {"epoch": epoch, "best_val_dice": best, "config": asdict(config),
-                                 "optimizer": opt_meta, "rng.numpy": rng.bit_generator.state})
+    save_checkpoint(path, model, optimizer, rng, {"epoch": epoch, "best_val_dice": best, "config": asdict(config)})
 
 
 def save_model(model: torch.nn.Module, path: Path, card: dict) -> dict:
@@ -310,13 +299,7 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
     start_epoch, best = 1, -1.0
     last = out_dir / "checkpoint_last.safetensors"
     if resume:
-        if not last.is_file():
-            raise LumbarBMDError(f"--resume: no checkpoint to resume from in {out_dir}")
-        tensors, meta = load_tensors(last)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        rng.bit_generator.state = meta["rng.numpy"]
+        meta = resume_checkpoint(last, model, optimizer, rng)
         start_epoch, best = int(meta["epoch"]) + 1, float(meta["best_val_dice"])
 
     log_path = out_dir / "train_log.csv"

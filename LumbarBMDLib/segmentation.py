@@ -26,7 +26,7 @@ from LumbarBMDLib.r2unet import R2UNet
 from LumbarBMDLib.sagittal import NETWORK_WINDOW_COLUMNS, SagittalImages, network_window
 from LumbarBMDLib.seg_training import resolve_device
 from LumbarBMDLib.segmentation_post import SegmentationResult, fuse_probabilities, postprocess
-from LumbarBMDLib.weights import load_tensors, sha256_of
+from LumbarBMDLib.weights import load_model_card, load_tensors
 
 WINDOW_COLUMNS = NETWORK_WINDOW_COLUMNS
 
@@ -51,13 +51,7 @@ class SegmentationModel:
     def load(cls, path: str | Path | None = None, device: str = "auto") -> SegmentationModel:
         """Load ``path`` (default: the shipped ``segmentation.safetensors``) and its ``.json`` model card."""
         path = Path(path) if path else models_dir() / "segmentation.safetensors"
-        card_path = path.with_suffix(".json")
-        if not path.is_file() or not card_path.is_file():
-            raise LumbarBMDError(f"segmentation model not found: {path} (and its model card {card_path.name})")
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        digest = sha256_of(path)
-        if card.get("sha256") and card["sha256"] != digest:
-            raise LumbarBMDError(f"segmentation model {path} does not match its model card (sha256 differs)")
+        card, digest = load_model_card(path, "segmentation")
         arch = card["architecture"]
         net = R2UNet(arch["in_channels"], arch["out_channels"], tuple(arch["features"]), arch["t"])
         tensors, _ = load_tensors(path)

@@ -78,3 +78,39 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng,
+                    meta: dict) -> Path:
+    """A training checkpoint: model (``model.*``), optimizer (``opt.*``) and both RNG states, plus ``meta``."""
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    return save_tensors(tensors, path, {**meta, "optimizer": opt_meta, "rng.numpy": rng.bit_generator.state})
+
+
+def resume_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng) -> dict:
+    """Restore what :func:`save_checkpoint` wrote (in place); returns its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise LumbarBMDError(f"--resume: no checkpoint to resume from in {path.parent}")
+    tensors, meta = load_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    rng.bit_generator.state = meta["rng.numpy"]
+    return meta
+
+
+def load_model_card(path: str | Path, what: str) -> tuple[dict, str]:
+    """The model card (``path`` with .json) of a weights file and the file's sha256, checked against each other."""
+    path = Path(path)
+    card_path = path.with_suffix(".json")
+    if not path.is_file() or not card_path.is_file():
+        raise LumbarBMDError(f"{what} model not found: {path} (and its model card {card_path.name})")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    digest = sha256_of(path)
+    if card.get("sha256") and card["sha256"] != digest:
+        raise LumbarBMDError(f"{what} model {path} does not match its model card (sha256 differs)")
+    return card, digest

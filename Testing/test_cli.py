@@ -85,16 +85,20 @@ def test_phantom_all_vendors_share_the_patient(tmp_path):
 
 
 def test_demo_small(tmp_path):
-    out = run_cli("demo", "--size", "small", "--out", str(tmp_path / "demo"))
+    """The README's main job, small: phantom → whole pipeline with the shipped models → table and report."""
+    out = run_cli("demo", "--size", "small", "--out", str(tmp_path / "demo"), "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    case = tmp_path / "demo" / "A_002026"
-    truth = json.loads((case / "truth.json").read_text(encoding="utf-8"))
-    for level in ("L1", "L2", "L3", "L4"):
-        line = next(x for x in out.stdout.splitlines() if x.startswith(level + " "))
-        assert f"{truth['bmd_mg_cm3'][level]:.1f}" in line and truth["levels"][level]["category"] in line
-    assert f"mean {truth['mean_bmd_mg_cm3']:>11.1f}" in out.stdout.replace("mean  ", "mean ")
-    assert (case / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert str(case / "preview.png") in out.stdout
+    truth = json.loads((tmp_path / "demo" / "phantom" / "A_002026" / "truth.json").read_text(encoding="utf-8"))
+    results = json.loads((tmp_path / "demo" / "A_002026" / "results.json").read_text(encoding="utf-8"))
+    assert results["status"] == "ok"
+    for v in results["vertebrae"]:
+        line = next(x for x in out.stdout.splitlines() if x.startswith(v["level"] + " "))
+        # the printed line holds the measured BMD, its category and the truth beside it
+        assert f"{v['bmd_mg_cm3']:.1f}" in line and v["category"] in line
+        assert f"{truth['bmd_mg_cm3'][v['level']]:.1f}" in line
+        assert abs(v["bmd_mg_cm3"] - truth["bmd_mg_cm3"][v["level"]]) < 10
+    report = tmp_path / "demo" / "A_002026" / "report.html"
+    assert str(report.resolve()) in out.stdout and "data:image/png;base64," in report.read_text(encoding="utf-8")
 
 
 def test_info_reads_real_ct(real_dir):
