@@ -16,8 +16,6 @@ import csv
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ from LumbarBMDLib.pipeline import CaseResult, measure, results_json
 from LumbarBMDLib.regression import RegressionModel
 from LumbarBMDLib.report import render_report
 from LumbarBMDLib.segmentation import SegmentationModel
-from LumbarBMDLib.volume import read_ct, write_image
+from LumbarBMDLib.volume import atomic_folder, read_ct, write_image
 
 SUMMARY_COLUMNS = ["case", "input", "status", "mean_bmd_mg_cm3", "category", "L1", "L2", "L3", "L4", "missing",
                    "error", "total_s"]
@@ -83,9 +81,7 @@ def _results_csv(path: Path, results: dict) -> None:
 
 def write_case_outputs(folder: Path, results: dict, result: CaseResult | None) -> None:
     """Write a case's files into ``folder`` via a temporary sibling folder renamed at the end (atomic)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         if result is not None:
             geom = result.label_geometry
             mean_image = result.annotation.images.candidates_hu.mean(axis=0).astype(np.float32)
@@ -94,12 +90,6 @@ def write_case_outputs(folder: Path, results: dict, result: CaseResult | None) -
             _results_csv(tmp / "results.csv", results)
             (tmp / "report.html").write_text(render_report(results, result), encoding="utf-8")
         _write_json(tmp / "results.json", results)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def failed_results(source: str, error: str, timings: dict | None = None) -> dict:

@@ -36,7 +36,7 @@ from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.localisation import LEVEL_NAMES, LevelLocation, level_centres_in_image, locate_in_ct
 from LumbarBMDLib.patches import trabecular_patch
 from LumbarBMDLib.regression import BMD_CENTRE, BMD_SCALE, bmd_network
-from LumbarBMDLib.seg_training import files_named, resolve_device, split_cases
+from LumbarBMDLib.seg_training import files_named, resolve_device, split_cases, train_log
 from LumbarBMDLib.volume import read_ct
 from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
 
@@ -250,12 +250,8 @@ def train_bmd(data_dir: str | Path, out_dir: str | Path, config: BMDTrainingConf
         meta = resume_checkpoint(last, model, optimizer, rng)
         start_epoch, best = int(meta["epoch"]) + 1, float(meta["best_val_rmse"])
 
-    log_path = out_dir / "train_log.csv"
-    new_log = not (resume and log_path.is_file())
-    with log_path.open("w" if new_log else "a", newline="", encoding="utf-8") as log:
-        writer = csv.writer(log)
-        if new_log:
-            writer.writerow(["epoch", "train_loss", "val_rmse_mg_cm3", "val_bias_mg_cm3", "lr", "seconds"])
+    header = ["epoch", "train_loss", "val_rmse_mg_cm3", "val_bias_mg_cm3", "lr", "seconds"]
+    with train_log(out_dir / "train_log.csv", resume, header) as (log, writer):
         for epoch in range(start_epoch, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()

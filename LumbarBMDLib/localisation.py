@@ -48,11 +48,6 @@ class LevelLocation:
     area_mm2: float = 0.0
     index: np.ndarray | None = None
 
-    @property
-    def slice_index(self) -> int | None:
-        """Nearest axial slice k of the centre (None when missing)."""
-        return None if self.index is None else round(float(self.index[2]))
-
 
 def level_centres(labels: np.ndarray, geometry: SagittalGeometry, min_area_mm2: float = MIN_LEVEL_AREA_MM2
                   ) -> list[LevelLocation]:

@@ -20,6 +20,7 @@ from LumbarBMDLib.localisation import (
     REASON_UNANCHORED,
     LevelLocation,
     level_centres,
+    locate_in_ct,
     locate_vertebrae,
     numbering_anchor,
 )
@@ -78,40 +79,42 @@ def hu_transform_for(bmd_model: RegressionModel, calibration: ScannerCalibration
     return calibration.to_reference(ScannerCalibration.from_json(reference))
 
 
-def regress_from_labels(annotation: Annotation, labels: np.ndarray, geometry: SagittalGeometry,
-                        bmd_model: RegressionModel, hu_transform: tuple[float, float]
-                        ) -> tuple[list[LevelLocation], list[TrabecularPatch], list[LevelBMD], dict]:
-    """Localisation, patches and regression from a label image (the part that re-runs after an edit)."""
+def regress_locations(annotation: Annotation, locations: list[LevelLocation], bmd_model: RegressionModel,
+                      hu_transform: tuple[float, float]) -> tuple[list[TrabecularPatch], list[LevelBMD], dict]:
+    """Patches and regression of located levels (the part that re-runs after an edit); timings in seconds."""
     t = time.perf_counter()
-    locations = locate_vertebrae(labels, geometry, annotation.volume)
     patches = trabecular_patches(annotation.volume, locations, hu_transform)
     t_patch = time.perf_counter()
     levels = predict_bmd(bmd_model, patches)
-    t_end = time.perf_counter()
-    return locations, patches, levels, {"patches": t_patch - t, "regress": t_end - t_patch}
+    return patches, levels, {"patches": t_patch - t, "regress": time.perf_counter() - t_patch}
+
+
+def scan_z_range(volume: CTVolume) -> tuple[float, float]:
+    """LPS z (mm) of the first and last axial slice, lower first."""
+    corners = volume.index_to_lps(np.array([[0, 0, 0], [0, 0, volume.hu.shape[0] - 1]], dtype=float))
+    return float(corners[:, 2].min()), float(corners[:, 2].max())
 
 
 def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: RegressionModel,
             calibration: ScannerCalibration | None = None) -> CaseResult:
-    """Run the whole method on one axial LPS CT (raises LumbarBMDError when no canal is found)."""
+    """Run the whole method on one axial LPS CT (raises LumbarBMDError when no canal is found).
+
+    When the scan shows neither the sacrum nor T12 (:func:`~LumbarBMDLib.localisation.numbering_anchor`), the
+    network's numbering is a guess: no level is measured and each says why.
+    """
     t0 = time.perf_counter()
     annotation = prepare(volume)
     t1 = time.perf_counter()
     seg = segment(seg_model, annotation.images, annotation.canal.mean_centre_lps)
     t2 = time.perf_counter()
-    transform = hu_transform_for(bmd_model, calibration)
-    labels = seg.labels
-    corners = volume.index_to_lps(np.array([[0, 0, 0], [0, 0, volume.hu.shape[0] - 1]], dtype=float))
-    anchor = numbering_anchor(level_centres(labels, seg.geometry), (float(corners[:, 2].min()),
-                                                                    float(corners[:, 2].max())))
-    if anchor is None and labels.any():  # a guessed numbering would attach BMDs to the wrong vertebrae
+    labels, centres = seg.labels, level_centres(seg.labels, seg.geometry)
+    anchor = numbering_anchor(centres, scan_z_range(volume))
+    if anchor is None:  # a guessed numbering would attach BMDs to the wrong vertebrae
         labels = np.zeros_like(labels)
-    locations, patches, levels, times = regress_from_labels(annotation, labels, seg.geometry, bmd_model,
-                                                            transform)
-    if anchor is None:
-        for group in (locations, patches, levels):
-            for item in group:
-                item.found, item.reason = False, REASON_UNANCHORED
+        centres = [LevelLocation(c.level, False, REASON_UNANCHORED, c.centre_lps, c.area_mm2) for c in centres]
+    locations = locate_in_ct(centres, volume)
+    transform = hu_transform_for(bmd_model, calibration)
+    patches, levels, times = regress_locations(annotation, locations, bmd_model, transform)
     mean, category = patient_bmd(levels)
     timings = {"canal": t1 - t0, "segment": t2 - t1, **times, "total": time.perf_counter() - t0}
     return CaseResult(annotation, seg, labels, seg.geometry, locations, patches, levels, mean, category,
@@ -122,7 +125,8 @@ def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: Sa
                         bmd_model: RegressionModel, calibration: ScannerCalibration | None = None) -> CaseResult:
     """Re-run localisation, patches and regression on edited labels (the Slicer correction loop)."""
     transform = hu_transform_for(bmd_model, calibration)
-    locations, patches, levels, times = regress_from_labels(annotation, labels, geometry, bmd_model, transform)
+    locations = locate_vertebrae(labels, geometry, annotation.volume)
+    patches, levels, times = regress_locations(annotation, locations, bmd_model, transform)
     mean, category = patient_bmd(levels)
     return CaseResult(annotation, None, np.asarray(labels, np.uint8), geometry, locations, patches, levels, mean,
                       category, transform, calibration, times)

@@ -17,6 +17,8 @@ import torch
 
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.patches import PATCH_SIZE, TrabecularPatch
+from LumbarBMDLib.seg_training import resolve_device
+from LumbarBMDLib.segmentation import models_dir
 from LumbarBMDLib.weights import load_model_card, load_tensors
 
 BMD_CENTRE = 110.0  # mg/cm³: output normalisation (≈ the middle of the adult range)
@@ -44,12 +46,6 @@ def bmd_network(in_channels: int = 3) -> torch.nn.Module:
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1)
 
 
-def models_dir() -> Path:
-    from LumbarBMDLib.segmentation import models_dir as _models_dir
-
-    return _models_dir()
-
-
 @dataclass
 class RegressionModel:
     """A loaded DenseNet-121 with its model card."""
@@ -62,8 +58,6 @@ class RegressionModel:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto") -> RegressionModel:
         """Load ``path`` (default: the shipped ``regression.safetensors``) and its ``.json`` model card."""
-        from LumbarBMDLib.seg_training import resolve_device
-
         path = Path(path) if path else models_dir() / "regression.safetensors"
         card, digest = load_model_card(path, "regression")
         net = bmd_network(card["architecture"]["in_channels"])

@@ -27,8 +27,11 @@ import csv
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -196,6 +199,18 @@ def spine_crop(case: SegCase, size: int, rng: np.random.Generator, rows_size: in
     return case.image[r0 : r0 + rs, c0 : c0 + size], case.labels[r0 : r0 + rs, c0 : c0 + size]
 
 
+@contextmanager
+def train_log(path: Path, resume: bool, header: list[str]) -> Iterator[tuple[TextIO, Any]]:
+    """The CSV training log: appended to when resuming with an existing log, else started with ``header``.
+    Yields the open file (to flush after each epoch) and its ``csv.writer``."""
+    new = not (resume and path.is_file())
+    with path.open("w" if new else "a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        yield f, writer
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' → CUDA when torch sees it, else CPU; 'cuda' without a GPU is an error."""
     if device == "auto":
@@ -302,12 +317,8 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
         meta = resume_checkpoint(last, model, optimizer, rng)
         start_epoch, best = int(meta["epoch"]) + 1, float(meta["best_val_dice"])
 
-    log_path = out_dir / "train_log.csv"
-    new_log = not (resume and log_path.is_file())
-    with log_path.open("w" if new_log else "a", newline="", encoding="utf-8") as log:
-        writer = csv.writer(log)
-        if new_log:
-            writer.writerow(["epoch", "train_loss", *(f"val_dsc_{lv}" for lv in LEVELS), "val_dsc_mean", "seconds"])
+    header = ["epoch", "train_loss", *(f"val_dsc_{lv}" for lv in LEVELS), "val_dsc_mean", "seconds"]
+    with train_log(out_dir / "train_log.csv", resume, header) as (log, writer):
         for epoch in range(start_epoch, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()

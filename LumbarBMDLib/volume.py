@@ -14,7 +14,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -788,6 +790,23 @@ def write_image(img: sitk.Image, path: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+@contextmanager
+def atomic_folder(final: str | Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; when the block ends normally it replaces ``final`` (renamed into place),
+    when it raises it is removed, so a folder is either complete or absent."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _gzip_parallel(src: Path, dst: Path, parts: int = 2, level: int = 1) -> None:

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ from LumbarBMDLib.evaluation import collect_pairs, read_truth, write_evaluation
 from LumbarBMDLib.metrics import segmentation_metrics, summarise
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.phantom.calibration_scan import calibration_scan
-from LumbarBMDLib.pipeline import hu_transform_for, measure, regress_from_labels, results_json
-from LumbarBMDLib.regression import RegressionModel, patient_bmd
+from LumbarBMDLib.pipeline import hu_transform_for, measure, measure_from_labels, results_json
+from LumbarBMDLib.regression import RegressionModel
 from LumbarBMDLib.segmentation import SegmentationModel
 
 
@@ -77,13 +78,12 @@ def main() -> None:
             times.append(result.timings_s)
             write_json(out / f"{vendor}_uncalibrated" / case.case_id / "results.json",
                        results_json(result, case.case_id, seg_model, bmd_model))
-            locs, patches, levels, _ = regress_from_labels(result.annotation, result.labels, result.label_geometry,
-                                                           bmd_model, transform)
-            result.locations, result.patches, result.levels = locs, patches, levels
-            result.mean_bmd_mg_cm3, result.category = patient_bmd(levels)
-            result.calibration, result.hu_transform = calibration, transform
+            # the same segmentation, HU mapped onto the training scanner through this vendor's calibration
+            calibrated = replace(measure_from_labels(result.annotation, result.labels, result.label_geometry,
+                                                     bmd_model, calibration),
+                                 segmentation=result.segmentation, numbering_anchor=result.numbering_anchor)
             write_json(out / f"{vendor}_calibrated" / case.case_id / "results.json",
-                       results_json(result, case.case_id, seg_model, bmd_model))
+                       results_json(calibrated, case.case_id, seg_model, bmd_model))
             del case
         seg = summarise(seg_cases) if seg_cases else None
         truth = read_truth(truth_dir)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,7 +55,7 @@ from LumbarBMDLib.sagittal import (
     sagittal_geometry,
     sagittal_label_image,
 )
-from LumbarBMDLib.volume import CTVolume, write_image
+from LumbarBMDLib.volume import CTVolume, atomic_folder, write_image
 
 VARIANTS = (
     "none",
@@ -224,7 +222,7 @@ def generate_case(
 
     t = time.perf_counter()
     rng_scan = np.random.default_rng([seed, 2, "ABC".index(vendor)])
-    ct_hu = acquire(hu, grid, scanner, patient, metal, rng_scan)
+    ct_hu = acquire(hu, grid, scanner, patient.body_ry, metal, rng_scan)
     del hu
     timings["acquire"] = time.perf_counter() - t
 
@@ -309,23 +307,14 @@ def write_case(case: PhantomCase, out_dir: str | Path) -> Path:
     ``annotation_image.nii.gz`` (float32 HU, 20-slice mean sagittal image, overlays the CT) and
     ``annotation_labels.nii.gz`` (uint8 L1–L4 on that image). Returns the case folder.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / case.case_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", dir=out_dir))
-    try:
+    final = Path(out_dir) / case.case_id
+    with atomic_folder(final) as tmp:
         write_image(case.ct.to_sitk(np.int16), tmp / "ct.nii.gz")
         write_image(replace(case.ct, hu=case.labels).to_sitk(), tmp / "vertebrae.nii.gz")
         geom = case.annotation_geometry
         write_image(geom.to_sitk(case.annotation_image.astype(np.float32)), tmp / "annotation_image.nii.gz")
         write_image(geom.to_sitk(case.annotation_labels.astype(np.uint8)), tmp / "annotation_labels.nii.gz")
         (tmp / "truth.json").write_text(json.dumps(case.truth, indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

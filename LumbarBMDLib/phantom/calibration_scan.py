@@ -9,8 +9,6 @@ K2HPO4 (0, 50, 100, 150, 200 mg/cm³; Ø 25 mm) in a fixed layout, :data:`Lumbar
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from LumbarBMDLib.calibration import ROD_LAYOUT, ROD_RADIUS_MM
@@ -38,7 +36,6 @@ def calibration_scan(vendor: str, seed: int = 0, slices: int = 40) -> CTVolume:
         f = fraction(ellipse_distance(x - cx, y - cy, ROD_RADIUS_MM, ROD_RADIUS_MM), h)
         plane += f * (np.float32(scanner.mineral_to_hu(conc)) - plane)
     ideal = np.repeat(plane[None], slices, axis=0)
-    hu = acquire(ideal, grid, scanner, SimpleNamespace(body_ry=BODY_HALF_AXES_MM[1]), None,
-                 np.random.default_rng(seed))
+    hu = acquire(ideal, grid, scanner, BODY_HALF_AXES_MM[1], None, np.random.default_rng(seed))
     return CTVolume(hu=hu, spacing=grid.spacing, origin=grid.origin, source=f"calibration phantom, vendor {vendor}",
                     metadata={"vendor": vendor, "rods_mg_cm3": [c for _, c in ROD_LAYOUT]})

@@ -802,17 +802,17 @@ def _white_noise(shape: tuple[int, int, int], rng: np.random.Generator, workers:
     return out
 
 
-def acquire(ideal: np.ndarray, grid: Grid, scanner: ScannerProfile, patient: Patient, metal: np.ndarray | None,
+def acquire(ideal: np.ndarray, grid: Grid, scanner: ScannerProfile, body_ry_mm: float, metal: np.ndarray | None,
             rng: np.random.Generator) -> np.ndarray:
     """Scanner model → int16 HU.
 
     White noise is added to the ideal image and both pass through the same point-spread function and
     slice profile, so the noise texture follows the reconstruction kernel as in real CT (sharper kernel,
-    finer and stronger noise). The noise SD grows with patient size and falls with voxel volume. Then
-    metal streaks, the reconstruction circle (−1024 outside) and quantisation.
+    finer and stronger noise). The noise SD grows with the body's anterior–posterior half-axis ``body_ry_mm``
+    and falls with voxel volume. Then metal streaks, the reconstruction circle (−1024 outside) and quantisation.
     """
     sigma = (scanner.psf_mm, scanner.psf_mm, scanner.slice_fwhm_mm / 2.355)
-    size_factor = (2.0 * patient.body_ry / 230.0) ** 1.5
+    size_factor = (2.0 * body_ry_mm / 230.0) ** 1.5
     # noise_sd is quoted for a 0.7 × 0.7 × 1 mm voxel; SD falls as 1/√(voxel volume) on coarser grids
     voxel_factor = float(np.clip(np.sqrt(0.49 / float(np.prod(grid.spacing))), 0.35, 1.3))
     sd = scanner.noise_sd * size_factor * voxel_factor
