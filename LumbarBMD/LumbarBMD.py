@@ -14,9 +14,17 @@ torch is never imported at module import time: the models are loaded when a comp
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
 import logging
 import os
+import re
 import sys
+import threading
+import typing
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import slicer
@@ -46,11 +54,17 @@ except ImportError:
         if _path not in sys.path:
             sys.path.insert(0, _path)
     import LumbarBMDLib
-from LumbarBMDLib.errors import LumbarBMDError
-from LumbarBMDLib.volume import CTVolume
+from LumbarBMDLib import dependencies
+from LumbarBMDLib.errors import ComputationCancelled, LumbarBMDError
+from LumbarBMDLib.figures import CATEGORY_COLOURS, LEVEL_COLOURS
+from LumbarBMDLib.sagittal import WINDOW_HU, SagittalGeometry
+from LumbarBMDLib.training_pair import LEVEL_NAMES, write_training_pair
+from LumbarBMDLib.volume import CTVolume, validated_ct
 
 #: LPS <-> RAS: negate x and y (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+NOT_MEASURED_COLOUR = "#BDBDBD"  # grey: a level or patient without a BMD
 
 README_URL = "https://github.com/lumbarbmd/SlicerLumbarBMD#readme"
 
@@ -85,12 +99,138 @@ Example data: TotalSegmentator example CT (Apache-2.0).
 
 
 #
+# Parameter node
+#
+
+
+def _headlessParameterNodeWrapper(classtype):
+    """Typed properties over a ``vtkMRMLScriptedModuleNode``, for Slicer builds without ``parameterNodeWrapper``.
+
+    It stores values exactly as Slicer's ``slicer.parameterNodeWrapper`` serializers do (str as is, numbers as
+    ``str(value)``, bools as ``"True"``/``"False"``, nodes as a node reference plus an empty parameter of the same
+    name), so a scene saved by either reads back in the other. Defaults are written when a parameter is absent.
+    Used by the pytest suite (the ``slicer-core`` wheel has no ``parameterNodeWrapper``, which needs Qt).
+    """
+    hints = typing.get_type_hints(classtype)
+    defaults = {name: getattr(classtype, name, None) for name in hints}
+
+    def makeProperty(name, kind):
+        def getter(self):
+            node = self.parameterNode
+            if kind == "node":
+                return node.GetNodeReference(name)
+            text = node.GetParameter(name)
+            if kind is bool:
+                return text == "True"
+            return kind(text) if kind is not str else text
+
+        def setter(self, value):
+            node = self.parameterNode
+            if kind == "node":
+                if value is not None and not isinstance(value, hints[name]):
+                    raise TypeError(f"{name} must be a {hints[name].__name__}, not {type(value).__name__}")
+                wasModified = node.StartModify()
+                node.SetParameter(name, "")
+                node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+                node.EndModify(wasModified)
+            elif kind is bool:
+                node.SetParameter(name, "True" if value else "False")
+            else:
+                node.SetParameter(name, str(kind(value)))
+
+        return property(getter, setter)
+
+    kinds = {}
+    for name, hint in hints.items():
+        kinds[name] = "node" if isinstance(hint, type) and issubclass(hint, slicer.vtkMRMLNode) else hint
+        setattr(classtype, name, makeProperty(name, kinds[name]))
+
+    def __init__(self, parameterNode):
+        self.parameterNode = parameterNode
+        for name in kinds:
+            if not parameterNode.HasParameter(name):
+                setattr(self, name, defaults[name])
+
+    classtype.__init__ = __init__
+    classtype.allParameters = dict(hints)
+    return classtype
+
+
+try:  # Slicer ≥ 5.4 (needs Qt); absent from the slicer-core wheel the tests use
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+except ImportError:
+    parameterNodeWrapper = _headlessParameterNodeWrapper
+
+
+@parameterNodeWrapper
+class LumbarBMDParameterNode:
+    """The module's state, kept in the scene (so it is saved and reloaded with it).
+
+    inputVolume: the CT. segmentation / table: the L1–L4 segments and the BMD table of the last computation (the
+    segments are what "Recompute BMD" measures). annotationImage / annotationSegmentation: the annotator's 20-slice
+    mean sagittal image and the segments drawn on it. device: "auto", "cpu" or "cuda". segmentationModelPath /
+    regressionModelPath: model files ("" = the shipped defaults). calibrationPath: scanner calibration JSON
+    (``lumbarbmd calibrate``), "" for none. datasetFolder / caseId / overwriteCase: where "Export training pair"
+    writes. qctL1..qctL4: QCT reference BMD (mg/cm³) of each level for ``train-bmd``; 0 = none.
+    """
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    segmentation: slicer.vtkMRMLSegmentationNode
+    table: slicer.vtkMRMLTableNode
+    annotationImage: slicer.vtkMRMLScalarVolumeNode
+    annotationSegmentation: slicer.vtkMRMLSegmentationNode
+    device: str = "auto"
+    segmentationModelPath: str = ""
+    regressionModelPath: str = ""
+    calibrationPath: str = ""
+    datasetFolder: str = ""
+    caseId: str = ""
+    overwriteCase: bool = False
+    qctL1: float = 0.0
+    qctL2: float = 0.0
+    qctL3: float = 0.0
+    qctL4: float = 0.0
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """What a computation needs from the parameter node, read in the main thread before the work starts."""
+
+    device: str = "auto"
+    segmentationModelPath: str = ""
+    regressionModelPath: str = ""
+    calibrationPath: str = ""
+
+
+@dataclass
+class Measurement:
+    """A finished computation (no MRML in it): the library's result and its ``results.json`` object."""
+
+    result: object  # LumbarBMDLib.pipeline.CaseResult (torch-dependent module, imported lazily)
+    results: dict
+
+
+@dataclass
+class ResultNodes:
+    """The nodes a computation created or updated."""
+
+    segmentation: object
+    table: object
+    results: dict
+
+
+#
 # LumbarBMDWidget
 #
 
 
 class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI only: loads the .ui file and wires it to :class:`LumbarBMDLogic`. No algorithm here."""
+    """GUI only: loads the .ui file and wires it to :class:`LumbarBMDLogic`. No algorithm here.
+
+    State lives in the parameter node (:class:`LumbarBMDParameterNode`); the GUI mirrors it both ways. Heavy work
+    (the pipeline) runs in a worker thread while the GUI keeps processing events and shows progress; "Cancel" stops it
+    at the next stage.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -98,44 +238,73 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
+        self._busy = False
+        self._cancelRequested = False
+        self._observedSegmentation = None
+        self._segmentsEdited = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-
-        # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/LumbarBMD.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
-
-        # Set scene in MRML widgets: the .ui connects mrmlSceneChanged(vtkMRMLScene*) to the selectors.
+        # The .ui connects mrmlSceneChanged(vtkMRMLScene*) to every node selector.
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = LumbarBMDLogic()
 
-        self.ui.computeButton.enabled = False
-        self.ui.computeButton.toolTip = (
-            "Computing BMD (canal, sagittal reslice, L1–L4 segmentation, regression) arrives in a later version."
-        )
+        self.ui.progressBar.hide()
+        self.ui.cancelButton.hide()
+        self.ui.resultsTableWidget.setColumnCount(5)
+        self.ui.resultsTableWidget.setHorizontalHeaderLabels(["Level", "BMD (mg/cm³)", "Category", "Confidence",
+                                                              "Note"])
+        self.ui.resultsTableWidget.horizontalHeader().setStretchLastSection(True)
+        self.ui.resultsTableWidget.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        self.ui.deviceComboBox.clear()
+        for device in ("auto", "cpu", "cuda"):
+            self.ui.deviceComboBox.addItem(device, device)
+        for spinBox in self._qctSpinBoxes():
+            spinBox.setSpecialValueText("—")  # 0 = no reference value
 
-        # Observe the scene so the parameter node is recreated after "Close scene".
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         # GUI -> parameter node
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        for selector in (self.ui.inputVolumeSelector, self.ui.segmentationSelector, self.ui.tableSelector,
+                         self.ui.annotationImageSelector, self.ui.annotationSegmentationSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        for pathEdit in (self.ui.segmentationModelPathLineEdit, self.ui.regressionModelPathLineEdit,
+                         self.ui.calibrationPathLineEdit):
+            pathEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.datasetFolderButton.connect("directoryChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.caseIdLineEdit.connect("textChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.overwriteCaseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        for spinBox in self._qctSpinBoxes():
+            spinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+
+        # actions
+        self.ui.computeButton.connect("clicked(bool)", self.onComputeButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.editSegmentsButton.connect("clicked(bool)", self.onEditSegmentsButton)
+        self.ui.recomputeButton.connect("clicked(bool)", self.onRecomputeButton)
+        self.ui.createAnnotationButton.connect("clicked(bool)", self.onCreateAnnotationButton)
+        self.ui.editAnnotationButton.connect("clicked(bool)", self.onEditAnnotationButton)
+        self.ui.exportTrainingPairButton.connect("clicked(bool)", self.onExportTrainingPairButton)
 
         self.initializeParameterNode()
+
+    def _qctSpinBoxes(self) -> list:
+        return [self.ui.qctL1SpinBox, self.ui.qctL2SpinBox, self.ui.qctL3SpinBox, self.ui.qctL4SpinBox]
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self.removeObservers()
 
     def enter(self) -> None:
-        """Called each time the user opens this module."""
         self.initializeParameterNode()
+        self.updateDeviceInfo()
 
     def exit(self) -> None:
-        """Called each time the user opens a different module."""
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -147,39 +316,297 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.GetNodeReference(LumbarBMDLogic.INPUT_VOLUME_REFERENCE):
+        if self._parameterNode.inputVolume is None:
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume:
-                self._parameterNode.SetNodeReferenceID(LumbarBMDLogic.INPUT_VOLUME_REFERENCE, firstVolume.GetID())
+            if firstVolume and not firstVolume.GetAttribute(LumbarBMDLogic.ROLE_ATTRIBUTE):
+                self._parameterNode.inputVolume = firstVolume
 
-    def setParameterNode(self, inputParameterNode) -> None:
+    def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = inputParameterNode
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.updateGUIFromParameterNode)
+        self._parameterNode = parameterNode
         if self._parameterNode is not None:
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.addObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                             self.updateGUIFromParameterNode)
         self.updateGUIFromParameterNode()
+
+    # --- parameter node <-> GUI -------------------------------------------------------------------------
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         if self._parameterNode is None or self._updatingGUIFromParameterNode:
             return
         self._updatingGUIFromParameterNode = True
         try:
-            inputVolume = self._parameterNode.GetNodeReference(LumbarBMDLogic.INPUT_VOLUME_REFERENCE)
-            wasBlocked = self.ui.inputVolumeSelector.blockSignals(True)
-            self.ui.inputVolumeSelector.setCurrentNode(inputVolume)
-            self.ui.inputVolumeSelector.blockSignals(wasBlocked)
-            self.ui.statusLabel.text = self.logic.volumeSummary(inputVolume)
-            self.ui.computeButton.enabled = False  # the pipeline arrives in a later version
+            p = self._parameterNode
+            for selector, node in ((self.ui.inputVolumeSelector, p.inputVolume),
+                                   (self.ui.segmentationSelector, p.segmentation), (self.ui.tableSelector, p.table),
+                                   (self.ui.annotationImageSelector, p.annotationImage),
+                                   (self.ui.annotationSegmentationSelector, p.annotationSegmentation)):
+                selector.setCurrentNode(node)
+            self.ui.deviceComboBox.setCurrentIndex(max(0, self.ui.deviceComboBox.findData(p.device)))
+            self.ui.segmentationModelPathLineEdit.currentPath = p.segmentationModelPath
+            self.ui.regressionModelPathLineEdit.currentPath = p.regressionModelPath
+            self.ui.calibrationPathLineEdit.currentPath = p.calibrationPath
+            self.ui.datasetFolderButton.directory = p.datasetFolder
+            self.ui.caseIdLineEdit.text = p.caseId
+            self.ui.overwriteCaseCheckBox.checked = p.overwriteCase
+            for spinBox, name in zip(self._qctSpinBoxes(), LEVEL_NAMES, strict=True):
+                spinBox.value = getattr(p, f"qct{name}")
+            self.observeSegmentation(p.segmentation)
+
+            idle = not self._busy
+            self.ui.statusLabel.text = self.logic.volumeSummary(p.inputVolume) if idle else self.ui.statusLabel.text
+            self.ui.computeButton.enabled = idle and p.inputVolume is not None
+            self.ui.editSegmentsButton.enabled = idle and p.segmentation is not None
+            self.ui.recomputeButton.enabled = idle and p.segmentation is not None
+            self.ui.createAnnotationButton.enabled = idle and p.inputVolume is not None
+            self.ui.editAnnotationButton.enabled = idle and p.annotationSegmentation is not None
+            self.ui.exportTrainingPairButton.enabled = (idle and p.annotationImage is not None
+                                                        and p.annotationSegmentation is not None
+                                                        and bool(p.datasetFolder) and bool(p.caseId))
+            self.showResults(p.table)
         finally:
             self._updatingGUIFromParameterNode = False
 
-    def updateParameterNodeFromGUI(self, caller=None, event=None) -> None:
+    def updateParameterNodeFromGUI(self, *args) -> None:
         if self._parameterNode is None or self._updatingGUIFromParameterNode:
             return
-        self._parameterNode.SetNodeReferenceID(
-            LumbarBMDLogic.INPUT_VOLUME_REFERENCE, self.ui.inputVolumeSelector.currentNodeID
+        p = self._parameterNode
+        wasModified = p.parameterNode.StartModify()
+        try:
+            p.inputVolume = self.ui.inputVolumeSelector.currentNode()
+            p.segmentation = self.ui.segmentationSelector.currentNode()
+            p.table = self.ui.tableSelector.currentNode()
+            p.annotationImage = self.ui.annotationImageSelector.currentNode()
+            p.annotationSegmentation = self.ui.annotationSegmentationSelector.currentNode()
+            p.device = self.ui.deviceComboBox.currentData or "auto"
+            p.segmentationModelPath = self.ui.segmentationModelPathLineEdit.currentPath
+            p.regressionModelPath = self.ui.regressionModelPathLineEdit.currentPath
+            p.calibrationPath = self.ui.calibrationPathLineEdit.currentPath
+            p.datasetFolder = self.ui.datasetFolderButton.directory
+            p.caseId = self.ui.caseIdLineEdit.text
+            p.overwriteCase = self.ui.overwriteCaseCheckBox.checked
+            for spinBox, name in zip(self._qctSpinBoxes(), LEVEL_NAMES, strict=True):
+                setattr(p, f"qct{name}", spinBox.value)
+        finally:
+            p.parameterNode.EndModify(wasModified)
+
+    def updateDeviceInfo(self) -> None:
+        """Show what torch sees (only once torch is installed: it is never installed or imported at import time)."""
+        if importlib.util.find_spec("torch") is None:
+            self.ui.deviceInfoLabel.text = "PyTorch is not installed yet: it is installed on first use."
+            return
+        choices = dependencies.torch_devices()
+        for choice in choices:
+            index = self.ui.deviceComboBox.findData(choice.device)
+            self.ui.deviceComboBox.setItemText(index, choice.label)
+        self.ui.deviceInfoLabel.text = next(c.label for c in choices if c.device == "cuda")
+
+    # --- results display ----------------------------------------------------------------------------------
+
+    def showResults(self, tableNode) -> None:
+        """Fill the coloured results table and the patient's mean BMD from the table node."""
+        rows = self.logic.tableRows(tableNode)
+        table = self.ui.resultsTableWidget
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            colour = qt.QColor(row["colour"])
+            colour.setAlpha(110)
+            for c, key in enumerate(("level", "bmd", "category", "confidence", "note")):
+                item = qt.QTableWidgetItem(row[key])
+                item.setBackground(qt.QBrush(colour))
+                if key == "note":
+                    item.setToolTip(row[key])
+                table.setItem(r, c, item)
+        table.resizeColumnsToContents()
+        summary = self.logic.patientSummary(tableNode)
+        if self._segmentsEdited and summary["status"]:
+            summary["message"] = ("The segments were edited after this result: press 'Recompute BMD'. "
+                                  + summary["message"])
+        self.ui.meanBMDLabel.text = summary["text"]
+        self.ui.meanBMDLabel.setStyleSheet(
+            f"QLabel {{ background-color: {summary['colour']}; color: black; font-weight: bold; font-size: 15pt;"
+            " padding: 6px; border-radius: 4px; }"
         )
+        self.ui.resultMessageLabel.text = summary["message"]
+
+    def observeSegmentation(self, segmentationNode) -> None:
+        """Flag the result as out of date when its segments are edited (until 'Recompute BMD')."""
+        if segmentationNode is self._observedSegmentation:
+            return
+        if self._observedSegmentation is not None:
+            self.removeObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified,
+                                self.onSegmentEdited)
+        self._observedSegmentation = segmentationNode
+        self._segmentsEdited = False
+        if segmentationNode is not None:
+            self.addObserver(segmentationNode, slicer.vtkSegmentation.SegmentModified, self.onSegmentEdited)
+
+    def onSegmentEdited(self, caller, event) -> None:
+        if not self._busy and not self._segmentsEdited:
+            self._segmentsEdited = True
+            self.showResults(self._parameterNode.table if self._parameterNode else None)
+
+    # --- running work ----------------------------------------------------------------------------------------
+
+    def ensureDependencies(self) -> bool:
+        """Install what LumbarBMD needs into Slicer's Python on first use, after the user confirms."""
+        missing = dependencies.missing_requirements()
+        if not missing:
+            return True
+        names = ", ".join(str(r) for r in missing)
+        if not slicer.util.confirmOkCancelDisplay(
+            f"Lumbar BMD needs these Python packages, which are not installed in Slicer yet:\n\n{names}\n\n"
+            "Install them now? This needs a network connection and can take several minutes (PyTorch is large).",
+            "Lumbar BMD: install dependencies",
+        ):
+            return False
+        progress = slicer.util.createProgressDialog(labelText="Installing Python packages...", maximum=0)
+        try:
+            slicer.app.processEvents()
+            torch = [r for r in missing if r.name == "torch"]
+            if torch:
+                try:
+                    import PyTorchUtils  # the SlicerPyTorch extension picks the CUDA build matching the driver
+                except ImportError:
+                    PyTorchUtils = None
+                if PyTorchUtils is not None:
+                    progress.labelText = "Installing PyTorch (PyTorch extension)..."
+                    slicer.app.processEvents()
+                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, torchVersionRequirement=str(torch[0].specifier)
+                    ) is None:
+                        raise LumbarBMDError("PyTorch could not be installed: install it in the 'PyTorch Utils' module")
+                    missing = [r for r in missing if r.name != "torch"]
+            if missing:
+                progress.labelText = f"Installing {', '.join(r.name for r in missing)}..."
+                slicer.app.processEvents()
+                slicer.util.pip_install([str(r) for r in missing])
+        finally:
+            progress.close()
+        still = dependencies.missing_requirements()
+        if still:
+            raise LumbarBMDError(f"still missing after installation: {', '.join(map(str, still))}; restart Slicer "
+                                 "and try again, or install them from the Python console with slicer.util.pip_install")
+        self.updateDeviceInfo()
+        return True
+
+    def _setBusy(self, busy: bool, message: str = "") -> None:
+        self._busy = busy
+        self.ui.progressBar.setVisible(busy)
+        self.ui.cancelButton.setVisible(busy)
+        self.ui.cancelButton.enabled = True
+        self.ui.inputsCollapsibleButton.enabled = not busy
+        self.ui.annotationCollapsibleButton.enabled = not busy
+        if busy:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = message
+            slicer.app.setOverrideCursor(qt.Qt.BusyCursor)
+        else:
+            slicer.app.restoreOverrideCursor()
+        self.updateGUIFromParameterNode()
+
+    def runInBackground(self, work, message: str):
+        """Run ``work(progress)`` in a worker thread; keep the GUI responsive and show progress; return its value.
+
+        ``work`` must not touch MRML or Qt. Its exception (including the cancellation) is re-raised here.
+        """
+        self._cancelRequested = False
+        state = {"fraction": 0.0, "message": message}
+
+        def progress(fraction: float, text: str) -> None:
+            if self._cancelRequested:
+                raise ComputationCancelled("cancelled: nothing was changed")
+            state.update(fraction=fraction, message=text)
+
+        outcome = {}
+
+        def target():
+            try:
+                outcome["value"] = work(progress)
+            except BaseException as error:  # re-raised in the main thread
+                outcome["error"] = error
+
+        thread = threading.Thread(target=target, name="LumbarBMD", daemon=True)
+        self._setBusy(True, message)
+        try:
+            thread.start()
+            while thread.is_alive():
+                self.ui.progressBar.value = int(100 * state["fraction"])
+                self.ui.statusLabel.text = state["message"][:1].upper() + state["message"][1:] + "..."
+                slicer.app.processEvents(qt.QEventLoop.AllEvents, 50)
+                thread.join(0.05)
+        finally:
+            self._setBusy(False)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def onCancelButton(self) -> None:
+        self._cancelRequested = True
+        self.ui.cancelButton.enabled = False
+        self.ui.statusLabel.text = "Cancelling at the end of the current step..."
+
+    def onComputeButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Lumbar BMD could not measure this CT.", waitCursor=False):
+            if not self.ensureDependencies():
+                return
+            ctNode = self._parameterNode.inputVolume
+            volume = LumbarBMDLogic.ctVolumeForMeasurement(ctNode)  # main thread: reads the node
+            settings = self.logic.computeSettings()
+            try:
+                measurement = self.runInBackground(
+                    lambda progress: self.logic.measureVolume(volume, settings, progress), "loading the models")
+            except ComputationCancelled:
+                self.ui.statusLabel.text = "Cancelled: the scene was not changed."
+                return
+            nodes = self.logic.showResult(ctNode, measurement)
+            self._segmentsEdited = False
+            self.showResults(nodes.table)
+            self.ui.statusLabel.text = f"Done in {measurement.results['timings_s'].get('total', 0):.1f} s."
+            if nodes.results["status"] == "partial":
+                slicer.util.warningDisplay(self.logic.resultMessage(nodes.results), windowTitle="Lumbar BMD")
+
+    def onEditSegmentsButton(self) -> None:
+        self.openSegmentEditor(self._parameterNode.segmentation, self._parameterNode.inputVolume)
+
+    def onEditAnnotationButton(self) -> None:
+        self.openSegmentEditor(self._parameterNode.annotationSegmentation, self._parameterNode.annotationImage)
+
+    @staticmethod
+    def openSegmentEditor(segmentationNode, sourceVolumeNode) -> None:
+        """Switch to the Segment Editor with this segmentation and source volume selected."""
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentationNode)
+        if hasattr(editor, "setSourceVolumeNode"):  # Slicer >= 5.4
+            editor.setSourceVolumeNode(sourceVolumeNode)
+        else:
+            editor.setMasterVolumeNode(sourceVolumeNode)
+
+    def onRecomputeButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Lumbar BMD could not recompute the BMD.", waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            nodes = self.logic.recompute()
+            self._segmentsEdited = False
+            self.showResults(nodes.table)
+            self.ui.statusLabel.text = "Recomputed from the edited segments."
+
+    def onCreateAnnotationButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Lumbar BMD could not create the annotation image.", waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            imageNode, segmentationNode = self.logic.createAnnotationImage()
+            slicer.util.setSliceViewerLayers(background=imageNode, fit=True)
+            self.openSegmentEditor(segmentationNode, imageNode)
+
+    def onExportTrainingPairButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Lumbar BMD could not export the training pair.", waitCursor=True):
+            folder = self.logic.exportTrainingPair()
+            self.ui.statusLabel.text = f"Exported to {folder}"
+            slicer.util.infoDisplay(f"Training pair written to\n{folder}", windowTitle="Lumbar BMD")
 
 
 #
@@ -190,34 +617,46 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class LumbarBMDLogic(ScriptedLoadableModuleLogic):
     """MRML adapter between Slicer nodes and ``LumbarBMDLib``. Holds no algorithm and needs no Qt.
 
-    RAS (MRML) <-> LPS (the library) conversion happens here and nowhere else.
+    RAS (MRML) <-> LPS (the library) conversion happens here and nowhere else. Every method that computes
+    delegates to the library (``pipeline.measure``, ``pipeline.measure_from_labels``, ``annotation.prepare``,
+    ``training_pair.write_training_pair``); what is left here is moving arrays and geometry between nodes and
+    the library's types, and the nodes' names, colours, columns and view settings.
     """
 
-    INPUT_VOLUME_REFERENCE = "InputVolume"
+    SOURCE_VOLUME_ROLE = "LumbarBMD.SourceVolume"  # node reference: result/annotation node -> its CT
+    ROLE_ATTRIBUTE = "LumbarBMD.Role"  # "result" | "annotation image" | "annotation"
+    GEOMETRY_ATTRIBUTE = "LumbarBMD.LabelGeometry"  # JSON of the sagittal label grid (SagittalGeometry)
+    RESULTS_ATTRIBUTE = "LumbarBMD.Results"  # the results.json object (DESIGN.md contract)
+    CANAL_ATTRIBUTE = "LumbarBMD.Canal"  # canal.json of an annotation image
+    SAGITTAL_VIEW = "Yellow"  # Slicer's sagittal slice view
+    VIEW_HEIGHT_MM = 240.0  # field of view height set on the sagittal view (L1–L4 plus T12 and the sacrum)
+
+    #: Results table columns: (name, type, unit, description).
+    TABLE_COLUMNS = (
+        ("Level", str, "", "lumbar vertebra"),
+        ("BMD", float, "mg/cm³", "volumetric BMD, QCT-equivalent (empty when not measured)"),
+        ("Category", str, "", "osteoporosis < 80, osteopenia 80–120, normal > 120 mg/cm³"),
+        ("Centre x (LPS)", float, "mm", "vertebral body centre, LPS x (left +)"),
+        ("Centre y (LPS)", float, "mm", "vertebral body centre, LPS y (posterior +)"),
+        ("Centre z (LPS)", float, "mm", "vertebral body centre, LPS z (superior +)"),
+        ("Confidence", float, "", "segmentation confidence 0–1 (empty for edited segments)"),
+        ("Colour", str, "", "category colour, #RRGGBB"),
+        ("Note", str, "", "why a level was not measured"),
+    )
+
+    _models: typing.ClassVar[dict] = {}  # (kind, path, device) -> loaded model, shared by all logic instances
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._annotations: dict = {}  # CT node ID -> (geometry key, LumbarBMDLib Annotation)
+
+    def getParameterNode(self) -> LumbarBMDParameterNode:
+        return LumbarBMDParameterNode(super().getParameterNode())
+
+    # --- volumes: MRML (RAS) <-> library (LPS) -------------------------------------------------------
 
     @staticmethod
-    def volumeNodeToCTVolume(volumeNode) -> CTVolume:
-        """The CT of a scalar volume node as a :class:`CTVolume` (HU array (k, j, i) and LPS geometry).
-
-        The voxels are copied (the node's VTK memory is not shared). A linear parent transform is
-        applied to the geometry, so the result is in world coordinates; a non-linear one is refused.
-        """
-        if volumeNode is None:
-            raise LumbarBMDError("no CT volume selected: choose the CT in the input volume selector")
-        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise LumbarBMDError(f"'{volumeNode.GetName()}' is not a CT volume: choose a scalar (grey-value) volume")
-        imageData = volumeNode.GetImageData()
-        if imageData is None or imageData.GetNumberOfPoints() == 0:
-            raise LumbarBMDError(f"the volume '{volumeNode.GetName()}' holds no image: load the CT again")
-        if imageData.GetNumberOfScalarComponents() != 1:
-            raise LumbarBMDError(
-                f"the volume '{volumeNode.GetName()}' has {imageData.GetNumberOfScalarComponents()} values per "
-                "voxel (colour or vector image): choose a CT in Hounsfield units"
-            )
-
+    def _ijkToWorldRAS(volumeNode) -> np.ndarray:
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
         ijkToWorld = slicer.util.arrayFromVTKMatrix(ijkToRAS)
@@ -231,8 +670,29 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
             toWorld = vtk.vtkMatrix4x4()
             parentTransform.GetMatrixTransformToWorld(toWorld)
             ijkToWorld = slicer.util.arrayFromVTKMatrix(toWorld) @ ijkToWorld
+        return ijkToWorld
 
-        affineLPS = LPS_TO_RAS @ ijkToWorld
+    @classmethod
+    def volumeNodeToCTVolume(cls, volumeNode) -> CTVolume:
+        """The voxels of a scalar volume node as a :class:`CTVolume` (array (k, j, i) and LPS geometry).
+
+        The voxels are copied (the node's VTK memory is not shared). A linear parent transform is
+        applied to the geometry, so the result is in world coordinates; a non-linear one is refused.
+        No CT checks here: :meth:`ctVolumeForMeasurement` adds them.
+        """
+        if volumeNode is None:
+            raise LumbarBMDError("no CT volume selected: choose the CT in the input volume selector")
+        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise LumbarBMDError(f"'{volumeNode.GetName()}' is not a CT volume: choose a scalar (grey-value) volume")
+        imageData = volumeNode.GetImageData()
+        if imageData is None or imageData.GetNumberOfPoints() == 0:
+            raise LumbarBMDError(f"the volume '{volumeNode.GetName()}' holds no image: load the CT again")
+        if imageData.GetNumberOfScalarComponents() != 1:
+            raise LumbarBMDError(
+                f"the volume '{volumeNode.GetName()}' has {imageData.GetNumberOfScalarComponents()} values per "
+                "voxel (colour or vector image): choose a CT in Hounsfield units"
+            )
+        affineLPS = LPS_TO_RAS @ cls._ijkToWorldRAS(volumeNode)
         axes = affineLPS[:3, :3]
         spacing = np.linalg.norm(axes, axis=0)
         if np.any(spacing <= 0):
@@ -245,6 +705,18 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
             source=f"MRML node '{volumeNode.GetName()}'",
             metadata={"mrml_node_id": volumeNode.GetID(), "mrml_node_name": volumeNode.GetName()},
         )
+
+    @classmethod
+    def ctVolumeForMeasurement(cls, volumeNode) -> CTVolume:
+        """The CT of a volume node, checked as ``lumbarbmd run`` checks a file and reoriented to axial LPS.
+
+        Raises LumbarBMDError with the library's sentence for a thin slab, odd spacing, NaNs, MR-like intensities...
+        """
+        raw = cls.volumeNodeToCTVolume(volumeNode)
+        storage = volumeNode.GetStorageNode()
+        fileName = storage.GetFileName() if storage is not None else None
+        return validated_ct(raw.to_sitk(), f"the volume '{volumeNode.GetName()}'",
+                            {**raw.metadata, "file": fileName})
 
     @staticmethod
     def ctVolumeToVolumeNode(volume: CTVolume, name: str = "CT"):
@@ -269,6 +741,522 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
             f"'{volumeNode.GetName()}': {dims[0]} × {dims[1]} × {dims[2]} voxels, "
             f"{spacing[0]:.2f} × {spacing[1]:.2f} × {spacing[2]:.2f} mm."
         )
+
+    # --- sagittal label grids ------------------------------------------------------------------------
+
+    @staticmethod
+    def geometryToJSON(geometry: SagittalGeometry) -> str:
+        return json.dumps(dataclasses.asdict(geometry))
+
+    @staticmethod
+    def geometryFromJSON(text: str) -> SagittalGeometry:
+        values = json.loads(text)
+        values["origin_lps"] = tuple(values["origin_lps"])
+        return SagittalGeometry(**values)
+
+    @staticmethod
+    def _sagittalNode(array: np.ndarray, geometry: SagittalGeometry, name: str, className: str):
+        """A volume node holding ``array`` ``(n_slices, rows, cols)`` on the sagittal grid ``geometry``."""
+        return slicer.util.addVolumeFromArray(np.ascontiguousarray(array), ijkToRAS=LPS_TO_RAS @ geometry.affine,
+                                              name=name, nodeClassName=className)
+
+    @staticmethod
+    def _levelColorNode():
+        """A temporary colour table: 0 background, 1–4 = L1–L4 in the level colours of DESIGN.md."""
+        colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", "LumbarBMD levels")
+        colorNode.SetTypeToUser()
+        colorNode.SetNumberOfColors(len(LEVEL_NAMES) + 1)
+        colorNode.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+        for value, name in enumerate(LEVEL_NAMES, start=1):
+            colorNode.SetColor(value, name, *(c / 255.0 for c in LEVEL_COLOURS[value]), 1.0)
+        return colorNode
+
+    @staticmethod
+    def levelSegmentIds(segmentationNode) -> dict:
+        """``{"L1": segment ID, ...}`` of the segments named L1..L4 (case and spaces ignored); others are ignored."""
+        segmentation = segmentationNode.GetSegmentation()
+        found = {}
+        for i in range(segmentation.GetNumberOfSegments()):
+            name = segmentation.GetNthSegment(i).GetName().strip().upper()
+            if name in LEVEL_NAMES:
+                if name in found:
+                    raise LumbarBMDError(
+                        f"two segments of '{segmentationNode.GetName()}' are named {name}: rename or delete one"
+                    )
+                found[name] = segmentation.GetNthSegmentID(i)
+        return found
+
+    def setLevelSegments(self, segmentationNode, labels: np.ndarray, geometry: SagittalGeometry,
+                         geometryReferenceNode) -> None:
+        """Replace the segments of ``segmentationNode`` by L1..L4 from a label image.
+
+        Args:
+            labels: uint8 ``(rows, cols)`` (0 background, 1–4 = L1–L4) on the single-slice grid ``geometry``.
+            geometryReferenceNode: the volume the Segment Editor offers as source volume (the CT for results, the
+                annotation image for annotators). The segments' own grid stays the sagittal label grid, so painting
+                on the sagittal view edits exactly the image the measurement reads.
+
+        Every level gets a segment, with ID and name "L1".."L4" in its colour, empty when it was not found, so that a
+        missed level can be painted.
+        """
+        labels = np.asarray(labels, dtype=np.uint8).reshape(1, geometry.size, geometry.size)
+        labelNode = self._sagittalNode(labels, geometry, "LumbarBMD labels", "vtkMRMLLabelMapVolumeNode")
+        try:
+            wasModified = segmentationNode.StartModify()
+            segmentationNode.CreateDefaultDisplayNodes()
+            segmentation = segmentationNode.GetSegmentation()
+            segmentation.RemoveAllSegments()
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(labelNode)
+            segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
+                                                geometryReferenceNode.GetID())
+            ids = vtk.vtkStringArray()
+            for value, name in enumerate(LEVEL_NAMES, start=1):
+                segmentation.AddEmptySegment(name, name, [c / 255.0 for c in LEVEL_COLOURS[value]])
+                ids.InsertNextValue(name)
+            if labels.any() and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                labelNode, segmentationNode, ids
+            ):
+                raise LumbarBMDError(f"could not write the L1–L4 labels into '{segmentationNode.GetName()}'")
+            segmentationNode.SetAttribute(self.GEOMETRY_ATTRIBUTE, self.geometryToJSON(geometry))
+            display = segmentationNode.GetDisplayNode()
+            display.SetVisibility(True)
+            display.SetOpacity2DFill(0.45)
+            segmentationNode.EndModify(wasModified)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelNode)
+
+    def labelGeometry(self, segmentationNode) -> SagittalGeometry | None:
+        """The sagittal label grid recorded on a segmentation made by this module (None for other segmentations)."""
+        text = segmentationNode.GetAttribute(self.GEOMETRY_ATTRIBUTE)
+        return self.geometryFromJSON(text) if text else None
+
+    @staticmethod
+    def _segmentIsEmpty(segmentationNode, segmentId) -> bool:
+        image = slicer.vtkOrientedImageData()
+        segmentationNode.GetBinaryLabelmapRepresentation(segmentId, image)
+        if image.IsEmpty() or image.GetPointData().GetScalars() is None:
+            return True
+        return image.GetScalarRange()[1] <= 0
+
+    def labelsFromSegmentation(self, segmentationNode, geometry: SagittalGeometry) -> np.ndarray:
+        """The segments named L1..L4 as a uint8 label image ``(rows, cols)`` on the single-slice grid ``geometry``.
+
+        Slicer resamples the segments onto the grid (so segments painted in another geometry still count); the
+        label value follows the segment's name, not its order.
+        """
+        ids = {name: segmentId for name, segmentId in self.levelSegmentIds(segmentationNode).items()
+               if not self._segmentIsEmpty(segmentationNode, segmentId)}  # Slicer cannot resample an empty one
+        zeros = np.zeros((1, geometry.size, geometry.size), dtype=np.uint8)
+        referenceNode = self._sagittalNode(zeros, geometry, "LumbarBMD grid", "vtkMRMLScalarVolumeNode")
+        labelNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LumbarBMD export")
+        colorNode = self._levelColorNode()
+        try:
+            if not ids:
+                return zeros[0]
+            segmentIds = vtk.vtkStringArray()
+            for name in LEVEL_NAMES:
+                if name in ids:
+                    segmentIds.InsertNextValue(ids[name])
+            # the colour table maps each segment to a label value by its name ("l2 " is read as L2)
+            for name, segmentId in ids.items():
+                segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+                if segment.GetName() != name:
+                    segment.SetName(name)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, segmentIds, labelNode, referenceNode,
+                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colorNode,
+            ):
+                raise LumbarBMDError(f"could not read the segments of '{segmentationNode.GetName()}'")
+            return np.array(slicer.util.arrayFromVolume(labelNode), dtype=np.uint8).reshape(geometry.size,
+                                                                                             geometry.size)
+        finally:
+            for node in (referenceNode, labelNode, colorNode):
+                slicer.mrmlScene.RemoveNode(node)
+
+    # --- computing ------------------------------------------------------------------------------------
+
+    def computeSettings(self) -> ComputeSettings:
+        p = self.getParameterNode()
+        return ComputeSettings(p.device or "auto", p.segmentationModelPath, p.regressionModelPath, p.calibrationPath)
+
+    @classmethod
+    def loadModel(cls, kind: str, path: str, device: str):
+        """The segmentation ("segmentation") or regression ("regression") model, loaded once per (path, device)."""
+        key = (kind, os.path.abspath(path) if path else "", device)
+        if key not in cls._models:
+            if kind == "segmentation":
+                from LumbarBMDLib.segmentation import SegmentationModel as Model
+            else:
+                from LumbarBMDLib.regression import RegressionModel as Model
+            cls._models[key] = Model.load(path or None, device=device)
+        return cls._models[key]
+
+    @staticmethod
+    def _calibration(settings: ComputeSettings):
+        if not settings.calibrationPath:
+            return None
+        from LumbarBMDLib.calibration import read_calibration
+
+        return read_calibration(settings.calibrationPath)
+
+    def measureVolume(self, volume: CTVolume, settings: ComputeSettings, progress=None) -> Measurement:
+        """The whole pipeline on a CT (no MRML access: safe to run in a worker thread).
+
+        Raises LumbarBMDError when the library does, and when no level could be measured (the scene is then
+        left as it was). ``progress(fraction, message)`` is called before each stage; raising
+        :class:`~LumbarBMDLib.errors.ComputationCancelled` from it cancels.
+        """
+        from LumbarBMDLib.pipeline import measure, results_json
+
+        segModel = self.loadModel("segmentation", settings.segmentationModelPath, settings.device)
+        bmdModel = self.loadModel("regression", settings.regressionModelPath, settings.device)
+        result = measure(volume, segModel, bmdModel, self._calibration(settings), progress)
+        results = results_json(result, volume.source, segModel, bmdModel)
+        if results["status"] == "failed":
+            raise LumbarBMDError(results["error"])
+        return Measurement(result, results)
+
+    def compute(self, ctNode=None, progress=None) -> ResultNodes:
+        """Measure the CT and show the result: L1–L4 segments, BMD table, sagittal view. Blocking.
+
+        The widget runs :meth:`measureVolume` in a worker thread and :meth:`showResult` afterwards instead.
+        """
+        ctNode = ctNode or self.getParameterNode().inputVolume
+        volume = self.ctVolumeForMeasurement(ctNode)
+        return self.showResult(ctNode, self.measureVolume(volume, self.computeSettings(), progress))
+
+    def _nodeFor(self, className: str, ctNode, role: str):
+        """The node of ``className`` made by this module for ``ctNode`` in ``role`` (the newest), or None."""
+        nodes = slicer.mrmlScene.GetNodesByClass(className)
+        match = None
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            source = node.GetNodeReference(self.SOURCE_VOLUME_ROLE)
+            if node.GetAttribute(self.ROLE_ATTRIBUTE) == role and source is not None \
+                    and source.GetID() == ctNode.GetID():
+                match = node
+        return match
+
+    def _newNode(self, className: str, ctNode, role: str, suffix: str):
+        node = slicer.mrmlScene.AddNewNodeByClass(className, slicer.mrmlScene.GenerateUniqueName(
+            f"{ctNode.GetName()} {suffix}"))
+        node.SetAttribute(self.ROLE_ATTRIBUTE, role)
+        node.SetNodeReferenceID(self.SOURCE_VOLUME_ROLE, ctNode.GetID())
+        return node
+
+    def showResult(self, ctNode, measurement: Measurement) -> ResultNodes:
+        """Create or update this CT's L1–L4 segmentation and BMD table, and set the sagittal view. Main thread.
+
+        On an error, the nodes created here are removed again.
+        """
+        result, results = measurement.result, measurement.results
+        created = []
+        try:
+            segmentationNode = self._nodeFor("vtkMRMLSegmentationNode", ctNode, "result")
+            if segmentationNode is None:
+                segmentationNode = self._newNode("vtkMRMLSegmentationNode", ctNode, "result", "L1-L4")
+                created.append(segmentationNode)
+            tableNode = self._nodeFor("vtkMRMLTableNode", ctNode, "result")
+            if tableNode is None:
+                tableNode = self._newNode("vtkMRMLTableNode", ctNode, "result", "BMD")
+                created.append(tableNode)
+            tableNode.SetNodeReferenceID("LumbarBMD.Segmentation", segmentationNode.GetID())
+            self.setLevelSegments(segmentationNode, result.labels, result.label_geometry, ctNode)
+            self.fillResultsTable(tableNode, results)
+        except Exception:
+            for node in created:
+                slicer.mrmlScene.RemoveNode(node)
+            raise
+        self._annotations[ctNode.GetID()] = (self._geometryKey(ctNode), result.annotation)
+        params = self.getParameterNode()
+        params.inputVolume = ctNode
+        params.segmentation = segmentationNode
+        params.table = tableNode
+        self.showInSliceViews(ctNode, segmentationNode, results, result.label_geometry)
+        return ResultNodes(segmentationNode, tableNode, results)
+
+    def _tableFor(self, segmentationNode, ctNode):
+        tableNode = self._nodeFor("vtkMRMLTableNode", ctNode, "result")
+        if tableNode is None:
+            tableNode = self._newNode("vtkMRMLTableNode", ctNode, "result", "BMD")
+            tableNode.SetNodeReferenceID("LumbarBMD.Segmentation", segmentationNode.GetID())
+        return tableNode
+
+    @staticmethod
+    def _geometryKey(ctNode) -> tuple:
+        """Changes when the CT's voxels or geometry change (then the cached canal/sagittal images are stale)."""
+        return (ctNode.GetImageData().GetMTime(), tuple(LumbarBMDLogic._ijkToWorldRAS(ctNode).ravel()))
+
+    def _annotationFor(self, ctNode):
+        """The library's Annotation (CT, canal, sagittal images) of a CT: cached, else computed again."""
+        cached = self._annotations.get(ctNode.GetID())
+        if cached is not None and cached[0] == self._geometryKey(ctNode):
+            return cached[1]
+        from LumbarBMDLib.annotation import prepare
+
+        annotation = prepare(self.ctVolumeForMeasurement(ctNode))
+        self._annotations[ctNode.GetID()] = (self._geometryKey(ctNode), annotation)
+        return annotation
+
+    def recompute(self, segmentationNode=None, ctNode=None) -> ResultNodes:
+        """Re-run localisation, patches and regression from the (edited) L1–L4 segments only; update the table.
+
+        No re-segmentation. Works on the module's result segmentation and on an annotator's segmentation (both record
+        their sagittal grid); the levels are read by segment name. Raises LumbarBMDError (table unchanged) when no
+        level can be measured.
+        """
+        params = self.getParameterNode()
+        segmentationNode = segmentationNode or params.segmentation
+        if segmentationNode is None:
+            raise LumbarBMDError("no L1–L4 segmentation to measure: press 'Compute BMD' first")
+        ctNode = ctNode or segmentationNode.GetNodeReference(self.SOURCE_VOLUME_ROLE) or params.inputVolume
+        if ctNode is None:
+            raise LumbarBMDError(f"'{segmentationNode.GetName()}' is not linked to a CT: select the CT and compute BMD")
+        annotation = self._annotationFor(ctNode)
+        geometry = self.labelGeometry(segmentationNode) or annotation.images.annotation_geometry
+        labels = self.labelsFromSegmentation(segmentationNode, geometry)
+        if not labels.any():
+            raise LumbarBMDError(f"'{segmentationNode.GetName()}' has no L1–L4 segment with any voxel on the "
+                                 "sagittal plane of the measurement: paint at least one level")
+
+        from LumbarBMDLib.pipeline import measure_from_labels, results_json
+
+        settings = self.computeSettings()
+        bmdModel = self.loadModel("regression", settings.regressionModelPath, settings.device)
+        result = measure_from_labels(annotation, labels, geometry, bmdModel, self._calibration(settings))
+        results = results_json(result, annotation.volume.source, None, bmdModel)
+        if results["status"] == "failed":
+            raise LumbarBMDError(results["error"])
+        tableNode = self._tableFor(segmentationNode, ctNode)
+        self.fillResultsTable(tableNode, results)
+        params.segmentation = segmentationNode
+        params.table = tableNode
+        return ResultNodes(segmentationNode, tableNode, results)
+
+    # --- results table ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def resultMessage(results: dict) -> str:
+        """One or two sentences on the result for the widget: what was measured and, when partial, what was not."""
+        missing = [v for v in results["vertebrae"] if not v["found"]]
+        if results["status"] == "failed":
+            return results["error"]
+        if not missing:
+            return "L1–L4 measured."
+        measured = ", ".join(v["level"] for v in results["vertebrae"] if v["found"])
+        why = "; ".join(f"{v['level']}: {v.get('reason', '')}" for v in missing)
+        return (f"Partial result: the mean uses {measured} only. Not measured: {why}. Check the segments "
+                "('Edit segments') and press 'Recompute BMD' after a correction.")
+
+    def fillResultsTable(self, tableNode, results: dict) -> None:
+        """Write the per-level rows of ``results`` (``results.json``) into the table node, plus the patient's mean,
+        category, status and message, and the whole ``results.json``, as node attributes."""
+        rows = []
+        for v in results["vertebrae"]:
+            centre = v["centre_lps"] if v["found"] and v["centre_lps"] else [float("nan")] * 3
+            colour = CATEGORY_COLOURS.get(v["category"] or "")
+            rows.append({
+                "Level": v["level"],
+                "BMD": v["bmd_mg_cm3"] if v["bmd_mg_cm3"] is not None else float("nan"),
+                "Category": v["category"] or "",
+                "Centre x (LPS)": centre[0], "Centre y (LPS)": centre[1], "Centre z (LPS)": centre[2],
+                "Confidence": v["confidence"] if v["confidence"] is not None else float("nan"),
+                "Colour": "#{:02X}{:02X}{:02X}".format(*colour) if colour else "",
+                "Note": v.get("reason", "") if not v["found"] else "",
+            })
+        wasModified = tableNode.StartModify()
+        table = tableNode.GetTable()
+        while table.GetNumberOfColumns():
+            table.RemoveColumn(0)
+        for name, kind, unit, description in self.TABLE_COLUMNS:
+            array = vtk.vtkStringArray() if kind is str else vtk.vtkDoubleArray()
+            array.SetName(name)
+            for row in rows:
+                array.InsertNextValue(row[name])
+            table.AddColumn(array)
+            tableNode.SetColumnUnitLabel(name, unit)
+            tableNode.SetColumnDescription(name, description)
+            tableNode.SetColumnTitle(name, f"{name} ({unit})" if unit else name)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        mean = results["mean_bmd_mg_cm3"]
+        tableNode.SetAttribute("LumbarBMD.Status", results["status"])
+        tableNode.SetAttribute("LumbarBMD.MeanBMD", "" if mean is None else f"{mean:.1f}")
+        tableNode.SetAttribute("LumbarBMD.Category", results["category"] or "")
+        tableNode.SetAttribute("LumbarBMD.Message", self.resultMessage(results))
+        tableNode.SetAttribute(self.RESULTS_ATTRIBUTE, json.dumps(results))
+        if tableNode.GetStorageNode() is None:
+            tableNode.AddDefaultStorageNode()
+        tableNode.GetStorageNode().SetDefaultWriteFileExtension("csv")  # a '#' in a TSV cell truncates the row
+        table.Modified()
+        tableNode.EndModify(wasModified)
+
+    @classmethod
+    def tableRows(cls, tableNode) -> list[dict]:
+        """The table's rows as display strings for the widget: level, BMD, category, confidence, note, colour."""
+        rows = []
+        if tableNode is None or tableNode.GetColumnIndex("Level") < 0:
+            return rows
+        for r in range(tableNode.GetNumberOfRows()):
+            def cell(name, row=r):
+                return tableNode.GetCellText(row, tableNode.GetColumnIndex(name))
+
+            bmd = float(cell("BMD") or "nan")
+            confidence = float(cell("Confidence") or "nan")
+            rows.append({
+                "level": cell("Level"),
+                "bmd": f"{bmd:.1f}" if np.isfinite(bmd) else "—",
+                "category": cell("Category") or "not measured",
+                "confidence": f"{confidence:.2f}" if np.isfinite(confidence) else "—",
+                "note": cell("Note"),
+                "colour": cell("Colour") or NOT_MEASURED_COLOUR,
+            })
+        return rows
+
+    @staticmethod
+    def patientSummary(tableNode) -> dict:
+        """The patient's mean BMD and category for the widget: text, colour (#RRGGBB), status and message."""
+        if tableNode is None or not tableNode.GetAttribute("LumbarBMD.Status"):
+            return {"text": "No result yet.", "colour": NOT_MEASURED_COLOUR, "status": "", "message": ""}
+        category = tableNode.GetAttribute("LumbarBMD.Category") or ""
+        mean = tableNode.GetAttribute("LumbarBMD.MeanBMD") or ""
+        colour = CATEGORY_COLOURS.get(category)
+        return {
+            "text": f"Mean BMD {mean} mg/cm³: {category}" if mean else "No BMD",
+            "colour": "#{:02X}{:02X}{:02X}".format(*colour) if colour else NOT_MEASURED_COLOUR,
+            "status": tableNode.GetAttribute("LumbarBMD.Status"),
+            "message": tableNode.GetAttribute("LumbarBMD.Message") or "",
+        }
+
+    # --- views --------------------------------------------------------------------------------------------
+
+    def showInSliceViews(self, ctNode, segmentationNode, results: dict, geometry: SagittalGeometry) -> None:
+        """CT as background of every slice view; the sagittal view on the canal plane, centred on L1–L4.
+
+        The centre is the mean of the found levels' centres (the label grid's centre when none). Views that do not
+        exist (no application) are skipped.
+        """
+        centres = [v["centre_lps"] for v in results["vertebrae"] if v["found"] and v["centre_lps"]]
+        if centres:
+            centre = np.mean(np.asarray(centres, dtype=float), axis=0)
+        else:
+            middle = (geometry.size - 1) / 2.0
+            centre = geometry.pixel_to_lps([middle, middle, 0.0])
+        centre[0] = geometry.sagittal_x_lps  # exactly on the labels' plane
+        ras = (LPS_TO_RAS[:3, :3] @ centre).tolist()
+        composites = slicer.mrmlScene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        for i in range(composites.GetNumberOfItems()):
+            composites.GetItemAsObject(i).SetBackgroundVolumeID(ctNode.GetID())
+        sliceNodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLSliceNode")
+        for i in range(sliceNodes.GetNumberOfItems()):
+            sliceNode = sliceNodes.GetItemAsObject(i)
+            if sliceNode.GetLayoutName() != self.SAGITTAL_VIEW:
+                continue
+            if sliceNode.HasSliceOrientationPreset("Sagittal"):
+                sliceNode.SetOrientationToSagittal()
+            else:  # a slice node without Slicer's presets: the same matrix
+                sagittal = vtk.vtkMatrix3x3()
+                slicer.vtkMRMLSliceNode.GetSagittalSliceToRASMatrix(sagittal)
+                sliceNode.GetSliceToRAS().DeepCopy(slicer.util.vtkMatrixFromArray(np.pad(
+                    slicer.util.arrayFromVTKMatrix(sagittal), ((0, 1), (0, 1))) + np.diag([0, 0, 0, 1.0])))
+                sliceNode.UpdateMatrices()
+            dims = sliceNode.GetDimensions()
+            aspect = dims[0] / dims[1] if dims[1] else 1.0
+            fov = sliceNode.GetFieldOfView()
+            sliceNode.SetFieldOfView(self.VIEW_HEIGHT_MM * aspect, self.VIEW_HEIGHT_MM, fov[2])
+            sliceNode.JumpSliceByCentering(*ras)
+        segmentationNode.GetDisplayNode().SetVisibility(True)
+
+    # --- annotation ------------------------------------------------------------------------------------
+
+    def createAnnotationImage(self, ctNode=None):
+        """The annotator's 20-slice mean sagittal image of the CT as a volume node on its exact grid, and a
+        segmentation with empty L1..L4 segments (level colours) on the same grid.
+
+        An annotation image of this CT that already exists is refreshed; its segmentation is kept as drawn.
+        Returns (image node, segmentation node).
+        """
+        ctNode = ctNode or self.getParameterNode().inputVolume
+        from LumbarBMDLib.annotation import prepare
+
+        annotation = prepare(self.ctVolumeForMeasurement(ctNode))
+        self._annotations[ctNode.GetID()] = (self._geometryKey(ctNode), annotation)
+        geometry = annotation.images.annotation_geometry
+        image = annotation.images.annotation_hu.astype(np.float32)[None]
+        imageNode = self._nodeFor("vtkMRMLScalarVolumeNode", ctNode, "annotation image")
+        if imageNode is None:
+            imageNode = self._sagittalNode(image, geometry, slicer.mrmlScene.GenerateUniqueName(
+                f"{ctNode.GetName()} annotation image"), "vtkMRMLScalarVolumeNode")
+            imageNode.SetAttribute(self.ROLE_ATTRIBUTE, "annotation image")
+            imageNode.SetNodeReferenceID(self.SOURCE_VOLUME_ROLE, ctNode.GetID())
+        else:
+            imageNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(LPS_TO_RAS @ geometry.affine))
+            slicer.util.updateVolumeFromArray(imageNode, image)
+        imageNode.SetAttribute(self.GEOMETRY_ATTRIBUTE, self.geometryToJSON(geometry))
+        imageNode.SetAttribute(self.CANAL_ATTRIBUTE, json.dumps(annotation.canal_json()))
+        imageNode.CreateDefaultDisplayNodes()
+        display = imageNode.GetDisplayNode()
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(*WINDOW_HU)
+
+        segmentationNode = self._nodeFor("vtkMRMLSegmentationNode", ctNode, "annotation")
+        if segmentationNode is None:
+            segmentationNode = self._newNode("vtkMRMLSegmentationNode", ctNode, "annotation", "annotation")
+            self.setLevelSegments(segmentationNode, np.zeros((geometry.size, geometry.size), np.uint8), geometry,
+                                  imageNode)
+        params = self.getParameterNode()
+        params.inputVolume = ctNode
+        params.annotationImage = imageNode
+        params.annotationSegmentation = segmentationNode
+        if not params.caseId:
+            params.caseId = self.suggestedCaseId(ctNode)
+        return imageNode, segmentationNode
+
+    @staticmethod
+    def suggestedCaseId(ctNode) -> str:
+        """A folder-safe case id from the CT node's name ("CT 3: Abdomen" -> "CT_3_Abdomen")."""
+        text = re.sub(r"[^A-Za-z0-9_.\-]+", "_", ctNode.GetName()).strip("_.-")
+        return text or "case"
+
+    def referenceValues(self) -> dict:
+        """The QCT reference BMD per level entered in the widget (levels left at 0 are omitted)."""
+        params = self.getParameterNode()
+        values = {name: getattr(params, f"qct{name}") for name in LEVEL_NAMES}
+        return {name: float(v) for name, v in values.items() if v and v > 0}
+
+    def exportTrainingPair(self, datasetFolder: str | None = None, caseId: str | None = None,
+                           referenceBMD: dict | None = None, overwrite: bool | None = None,
+                           imageNode=None, segmentationNode=None) -> Path:
+        """Write the annotation image, its L1–L4 label image and ``annotation.json`` into
+        ``datasetFolder/caseId/``, plus the CT and ``bmd_reference.csv`` rows when QCT reference values are given
+        (the formats ``train-seg`` and ``train-bmd`` read). Arguments default to the parameter node. Returns the
+        case folder.
+        """
+        params = self.getParameterNode()
+        datasetFolder = datasetFolder if datasetFolder is not None else params.datasetFolder
+        caseId = caseId if caseId is not None else params.caseId
+        referenceBMD = referenceBMD if referenceBMD is not None else self.referenceValues()
+        overwrite = params.overwriteCase if overwrite is None else overwrite
+        imageNode = imageNode or params.annotationImage
+        segmentationNode = segmentationNode or params.annotationSegmentation
+        if not datasetFolder:
+            raise LumbarBMDError("choose the dataset folder to export the training pair into")
+        if imageNode is None or segmentationNode is None:
+            raise LumbarBMDError("no annotation image: press 'Create annotation image' and draw L1–L4 first")
+        image = self.volumeNodeToCTVolume(imageNode).to_sitk(np.float32)
+        try:
+            geometry = SagittalGeometry.from_image(image)
+        except ValueError:
+            raise LumbarBMDError(f"'{imageNode.GetName()}' is not an annotation image made by this module") from None
+        labels = geometry.to_sitk(self.labelsFromSegmentation(segmentationNode, geometry))
+        ctNode = imageNode.GetNodeReference(self.SOURCE_VOLUME_ROLE)
+        ct = self.ctVolumeForMeasurement(ctNode) if referenceBMD and ctNode is not None else None
+        storage = ctNode.GetStorageNode() if ctNode is not None else None
+        source = (storage.GetFileName() if storage is not None and storage.GetFileName() else
+                  f"MRML node '{ctNode.GetName()}'" if ctNode is not None else "")
+        canal = imageNode.GetAttribute(self.CANAL_ATTRIBUTE)
+        extra = {"canal": json.loads(canal) if canal else None, "segmentation_node": segmentationNode.GetName(),
+                 "tool": "3D Slicer module LumbarBMD"}
+        return write_training_pair(datasetFolder, caseId, image, labels, source, referenceBMD, ct, overwrite, extra)
 
 
 #
@@ -296,6 +1284,9 @@ class LumbarBMDTest(ScriptedLoadableModuleTest):
         """Run as few or as many tests as needed here."""
         self.setUp()
         self.test_volume_roundtrip()
+        self.setUp()
+        self.test_whole_flow_on_a_phantom()
+        slicer.mrmlScene.Clear()
 
     def test_volume_roundtrip(self) -> None:
         """CTVolume -> volume node -> CTVolume keeps voxels and the LPS geometry of an oblique CT."""
@@ -330,3 +1321,47 @@ class LumbarBMDTest(ScriptedLoadableModuleTest):
 
         slicer.mrmlScene.RemoveNode(node)
         logging.info("LumbarBMD self-test passed")
+
+    def test_whole_flow_on_a_phantom(self) -> None:
+        """Compute on a phantom CT, erase L2 and recompute, create the annotation image, draw and export a pair."""
+        import tempfile
+
+        import SimpleITK as sitk
+
+        from LumbarBMDLib.phantom import generate_case
+
+        logging.info("LumbarBMD self-test: whole flow on a phantom CT")
+        case = generate_case(99_302, "A", "small")
+        logic = LumbarBMDLogic()
+        logic.getParameterNode().device = "cpu"
+        ctNode = logic.ctVolumeToVolumeNode(case.ct, "LumbarBMD phantom CT")
+
+        nodes = logic.compute(ctNode)
+        segmentation = nodes.segmentation.GetSegmentation()
+        self.assertEqual([segmentation.GetNthSegment(i).GetName() for i in range(4)], list(LEVEL_NAMES))
+        self.assertEqual(nodes.results["status"], "ok")
+        for row in logic.tableRows(nodes.table):
+            self.assertLess(abs(float(row["bmd"]) - case.truth["bmd_mg_cm3"][row["level"]]), 12.0)
+
+        # the radiologist erases L2 and recomputes: L2 is reported missing
+        empty = np.zeros_like(slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, "L2", ctNode))
+        slicer.util.updateSegmentBinaryLabelmapFromArray(empty, nodes.segmentation, "L2", ctNode)
+        edited = logic.recompute()
+        self.assertEqual(edited.results["status"], "partial")
+        self.assertEqual(logic.tableRows(edited.table)[1]["bmd"], "—")
+
+        # the annotator draws the phantom's vertebral bodies on the annotation image and exports the pair
+        imageNode, annotationNode = logic.createAnnotationImage(ctNode)
+        geometry = logic.labelGeometry(annotationNode)
+        truth = sitk.GetImageFromArray(case.labels.astype(np.uint8))
+        truth.CopyInformation(case.ct.to_sitk())
+        drawn = sitk.GetArrayFromImage(sitk.Resample(truth, geometry.reference_image(), sitk.Transform(),
+                                                     sitk.sitkNearestNeighbor, 0))[0]
+        drawn[drawn > 4] = 0
+        logic.setLevelSegments(annotationNode, drawn, geometry, imageNode)
+        with tempfile.TemporaryDirectory() as dataset:
+            folder = logic.exportTrainingPair(dataset, "selftest", {"L3": case.truth["bmd_mg_cm3"]["L3"]})
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "annotation_labels.nii.gz")))
+            np.testing.assert_array_equal(labels[0], drawn)
+            self.assertTrue(os.path.isfile(os.path.join(dataset, "bmd_reference.csv")))
+        logging.info("LumbarBMD self-test passed: whole flow")

@@ -37,12 +37,12 @@ from LumbarBMDLib.localisation import LEVEL_NAMES, LevelLocation, level_centres_
 from LumbarBMDLib.patches import trabecular_patch
 from LumbarBMDLib.regression import BMD_CENTRE, BMD_SCALE, bmd_network
 from LumbarBMDLib.seg_training import files_named, resolve_device, split_cases, train_log
+from LumbarBMDLib.training_pair import REFERENCE_FILE
 from LumbarBMDLib.volume import read_ct
 from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
 
 CT_FILES = ("ct.nii.gz", "ct.nrrd", "ct.mha", "ct.nii")
 LABEL_FILES = ("annotation_labels.nii.gz", "vertebrae.nii.gz")
-REFERENCE_FILE = "bmd_reference.csv"
 
 
 @dataclass

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class LumbarBMDError(Exception):
     """An expected failure with a message meant for the user (radiologist, annotator, researcher)."""
+
+
+class ComputationCancelled(LumbarBMDError):
+    """The user cancelled a running computation (raised from a progress callback); nothing was changed."""

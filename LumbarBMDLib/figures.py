@@ -10,6 +10,8 @@ from LumbarBMDLib.volume import CTVolume
 
 #: Level colours (DESIGN.md), RGB 0–255.
 LEVEL_COLOURS = {1: (230, 25, 75), 2: (60, 180, 75), 3: (0, 130, 200), 4: (245, 130, 48)}
+#: Category colours (DESIGN.md), RGB 0–255.
+CATEGORY_COLOURS = {"osteoporosis": (214, 39, 40), "osteopenia": (255, 187, 0), "normal": (44, 160, 44)}
 WINDOW_HU = (-150.0, 850.0)  # WL 350 / WW 1000, the paper's window
 
 

@@ -9,6 +9,7 @@ object of the DESIGN.md contract.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,18 +96,39 @@ def scan_z_range(volume: CTVolume) -> tuple[float, float]:
     return float(corners[:, 2].min()), float(corners[:, 2].max())
 
 
+#: Progress reported by :func:`measure`: (fraction of the work done before the stage, what the stage does).
+#: The fractions are the stages' shares of the CPU time measured by ``benchmarks/bench_run.py``.
+MEASURE_STAGES = {
+    "canal": (0.0, "finding the spinal canal and reslicing sagittally"),
+    "segment": (0.3, "segmenting L1–L4 (R2U-Net)"),
+    "regress": (0.9, "cutting trabecular patches and regressing BMD (DenseNet-121)"),
+}
+
+#: ``progress(fraction, message)``: called before each stage; it may raise (e.g. to cancel) and the error propagates.
+ProgressCallback = Callable[[float, str], None]
+
+
+def _report(progress: ProgressCallback | None, stage: str) -> None:
+    if progress is not None:
+        progress(*MEASURE_STAGES[stage])
+
+
 def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: RegressionModel,
-            calibration: ScannerCalibration | None = None) -> CaseResult:
+            calibration: ScannerCalibration | None = None, progress: ProgressCallback | None = None) -> CaseResult:
     """Run the whole method on one axial LPS CT (raises LumbarBMDError when no canal is found).
 
     When the scan shows neither the sacrum nor T12 (:func:`~LumbarBMDLib.localisation.numbering_anchor`), the
-    network's numbering is a guess: no level is measured and each says why.
+    network's numbering is a guess: no level is measured and each says why. ``progress`` is called before each
+    stage of :data:`MEASURE_STAGES` (a GUI shows it and cancels by raising from it).
     """
     t0 = time.perf_counter()
+    _report(progress, "canal")
     annotation = prepare(volume)
     t1 = time.perf_counter()
+    _report(progress, "segment")
     seg = segment(seg_model, annotation.images, annotation.canal.mean_centre_lps)
     t2 = time.perf_counter()
+    _report(progress, "regress")
     labels, centres = seg.labels, level_centres(seg.labels, seg.geometry)
     anchor = numbering_anchor(centres, scan_z_range(volume))
     if anchor is None:  # a guessed numbering would attach BMDs to the wrong vertebrae
@@ -132,7 +154,7 @@ def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: Sa
                       category, transform, calibration, times)
 
 
-def _failure(levels: list[LevelBMD]) -> str:
+def failure_message(levels: list[LevelBMD]) -> str:
     """Why no level was measured, each distinct reason once."""
     reasons: dict[str, list[str]] = {}
     for lv in levels:
@@ -168,7 +190,7 @@ def results_json(result: CaseResult, source: str, seg_model: SegmentationModel |
     return {
         "input": source,
         "status": status,
-        "error": None if status != "failed" else _failure(result.levels),
+        "error": None if status != "failed" else failure_message(result.levels),
         "vertebrae": vertebrae,
         "mean_bmd_mg_cm3": round(result.mean_bmd_mg_cm3, 1) if np.isfinite(result.mean_bmd_mg_cm3) else None,
         "category": result.category or None,

@@ -14,10 +14,9 @@ import io
 
 import numpy as np
 
-from LumbarBMDLib.figures import LEVEL_COLOURS, WINDOW_HU, overlay_levels
+from LumbarBMDLib.figures import CATEGORY_COLOURS, LEVEL_COLOURS, WINDOW_HU, overlay_levels
 from LumbarBMDLib.patches import PATCH_PIXEL_MM, PATCH_SIZE, sample_axial_planes
 
-CATEGORY_COLOURS = {"osteoporosis": (214, 39, 40), "osteopenia": (255, 187, 0), "normal": (44, 160, 44)}
 LOW_CONFIDENCE = 0.7
 CSS = """
 body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 24px; color: #222;

@@ -41,10 +41,9 @@ from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.metrics import segmentation_metrics
 from LumbarBMDLib.r2unet import count_parameters, r2unet_from_width
 from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE, WINDOW_HU, network_window, window_to_unit
+from LumbarBMDLib.training_pair import IMAGE_FILE, LABEL_FILE
 from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
 
-IMAGE_FILE = "annotation_image.nii.gz"
-LABEL_FILE = "annotation_labels.nii.gz"
 LEVELS = ("L1", "L2", "L3", "L4")
 
 

@@ -313,7 +313,7 @@ def _apply_header_rescale(img: sitk.Image, header: dict[str, str], path: Path, m
     return sitk.Cast(img, sitk.sitkFloat32) * slope + intercept
 
 
-def _check_dimension_and_components(dim: int, size: tuple[int, ...], components: int, path: Path) -> None:
+def _check_dimension_and_components(dim: int, size: tuple[int, ...], components: int, path: Path | str) -> None:
     """Reject 2-D, 4-D (unless the 4th axis has length 1) and multi-component images."""
     if components > 1:
         raise LumbarBMDError(
@@ -342,7 +342,7 @@ def _as_3d(img: sitk.Image) -> sitk.Image:
     return sitk.Extract(img, [*size[:3], *[0] * (len(size) - 3)], [0] * len(size))
 
 
-def _check_geometry(img: sitk.Image, path: Path) -> None:
+def _check_geometry(img: sitk.Image, path: Path | str) -> None:
     """Reject empty or thin volumes, implausible spacing and non-orthogonal direction cosines."""
     size = img.GetSize()
     if 0 in size:
@@ -363,7 +363,7 @@ def _check_geometry(img: sitk.Image, path: Path) -> None:
         )
 
 
-def _check_spacing(spacing: tuple[float, ...], path: Path) -> None:
+def _check_spacing(spacing: tuple[float, ...], path: Path | str) -> None:
     """Reject a voxel spacing (mm) that is not between :data:`MIN_SPACING_MM` and :data:`MAX_SPACING_MM`."""
     if not all(np.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
         raise LumbarBMDError(
@@ -380,7 +380,17 @@ def _fmt_mm(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
-def _to_ct_volume(img: sitk.Image, path: Path, meta: dict) -> CTVolume:
+def validated_ct(img: sitk.Image, source: str, metadata: dict | None = None) -> CTVolume:
+    """Validate an image already in memory exactly as :func:`read_ct` validates a file, in HU, axial LPS.
+
+    For volumes that do not come from a file, e.g. a Slicer volume node. ``source`` names the image in error
+    messages ("the volume 'CT'"). Raises LumbarBMDError with the same sentences as :func:`read_ct` (2-D or 4-D,
+    thin slab, implausible spacing, sheared grid, empty, NaN-filled, MR-like intensities).
+    """
+    return _to_ct_volume(img, source, dict(metadata or {}))
+
+
+def _to_ct_volume(img: sitk.Image, path: Path | str, meta: dict) -> CTVolume:
     """Validate ``img``, convert it to float32 HU, reorient to axial LPS and wrap it in a CTVolume."""
     _check_dimension_and_components(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(), path)
     img = _as_3d(img)
@@ -424,7 +434,7 @@ def _obliquity_deg(direction: tuple[float, ...]) -> float:
     return float(np.degrees(np.arccos(np.clip(d.max(axis=0), -1.0, 1.0))).max())
 
 
-def _check_values(hu: np.ndarray, path: Path, meta: dict) -> None:
+def _check_values(hu: np.ndarray, path: Path | str, meta: dict) -> None:
     """Reject a constant volume or many NaN/inf voxels; replace a few NaN/inf voxels with air, in place.
 
     Args:
@@ -444,7 +454,8 @@ def _check_values(hu: np.ndarray, path: Path, meta: dict) -> None:
         raise LumbarBMDError(f"{path} is an empty image: all voxels have the same value{value}")
     if n_bad:
         hu[~finite] = AIR_HU
-        msg = f"{n_bad} voxels of {path.name} were not numbers (NaN or infinite) and were set to {AIR_HU:g} HU (air)"
+        name = path.name if isinstance(path, Path) else path
+        msg = f"{n_bad} voxels of {name} were not numbers (NaN or infinite) and were set to {AIR_HU:g} HU (air)"
         meta["warnings"].append(msg)
         log.warning(msg)
 
@@ -461,7 +472,7 @@ def _looks_like_ct(v: np.ndarray) -> bool:
     return bool((has_air or has_fat) and np.mean(v > 4000) < 0.05)
 
 
-def _check_ct_intensities(hu: np.ndarray, path: Path) -> None:
+def _check_ct_intensities(hu: np.ndarray, path: Path | str) -> None:
     """Raise unless the HU array ``(nz, ny, nx)`` looks like CT (see :func:`_looks_like_ct`)."""
     step = max(1, hu.size // _SAMPLE_VOXELS)
     v = hu.ravel()[::step].astype(np.float64)

@@ -126,9 +126,8 @@ def allow_vtk_errors():
     return True
 
 
-@pytest.fixture
-def mrml(monkeypatch, vtk_messages, request):
-    """Fresh scene + application logic + the module logics ``slicer.util`` expects."""
+def new_mrml_env() -> types.SimpleNamespace:
+    """A fresh scene with application, colour, volumes, segmentations and subject hierarchy logics."""
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
@@ -147,7 +146,12 @@ def mrml(monkeypatch, vtk_messages, request):
     env.volumes = register(slicer.vtkSlicerVolumesLogic(), "Volumes")
     env.segmentations = register(slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations")
     env.subject_hierarchy = register(slicer.vtkSlicerSubjectHierarchyModuleLogic(), "SubjectHierarchy")
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    return env
+
+
+def use_scene(monkeypatch, env: types.SimpleNamespace) -> None:
+    """Make ``env``'s scene the global ``slicer.mrmlScene``, with the ``slicer.modules`` shim ``slicer.util`` needs."""
+    monkeypatch.setattr(slicer, "mrmlScene", env.scene, raising=False)
     monkeypatch.setattr(
         slicer,
         "modules",
@@ -157,8 +161,15 @@ def mrml(monkeypatch, vtk_messages, request):
         ),
         raising=False,
     )
+
+
+@pytest.fixture
+def mrml(monkeypatch, vtk_messages, request):
+    """Fresh scene + application logic + the module logics ``slicer.util`` expects."""
+    env = new_mrml_env()
+    use_scene(monkeypatch, env)
     yield env
-    scene.Clear(True)
+    env.scene.Clear(True)
     if "allow_vtk_errors" not in request.fixturenames:
         assert "ERROR" not in vtk_messages.GetOutput(), vtk_messages.GetOutput()
 

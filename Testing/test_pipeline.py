@@ -72,3 +72,21 @@ def test_no_spine_in_view_is_a_clear_error(models):
     hu[:, 20:108, 20:108] = 40  # a block of soft tissue, no bone
     with pytest.raises(LumbarBMDError, match="no spinal canal"):
         measure(CTVolume(hu=hu, spacing=(2.0, 2.0, 2.5), origin=(0.0, 0.0, 0.0)), seg, bmd)
+
+
+def test_progress_is_reported_before_each_stage_and_can_cancel(models, case_b):
+    from LumbarBMDLib.errors import ComputationCancelled
+    from LumbarBMDLib.pipeline import MEASURE_STAGES
+
+    seg, bmd = models
+    seen = []
+    result = measure(case_b.ct, seg, bmd, progress=lambda fraction, message: seen.append((fraction, message)))
+    assert seen == list(MEASURE_STAGES.values()) and result.status == "ok"
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+
+    def cancel_at_regression(fraction, message):
+        if fraction >= MEASURE_STAGES["regress"][0]:
+            raise ComputationCancelled("cancelled by the user")
+
+    with pytest.raises(ComputationCancelled):
+        measure(case_b.ct, seg, bmd, progress=cancel_at_regression)

@@ -88,21 +88,23 @@ def test_module_imports_headless_and_logic_works_without_qt(lumbarbmd_module, mr
         assert isinstance(getattr(lumbarbmd_module, name), type)
     logic = lumbarbmd_module.LumbarBMDLogic()
     assert logic.moduleName == "LumbarBMD"
-    parameter_node = logic.getParameterNode()
-    assert parameter_node is logic.getParameterNode()  # singleton
+    parameter_node = logic.getParameterNode().parameterNode
+    assert parameter_node is logic.getParameterNode().parameterNode  # singleton
     assert parameter_node.GetAttribute("ModuleName") == "LumbarBMD"
     assert mrml.scene.GetSingletonNode("LumbarBMD", "vtkMRMLScriptedModuleNode") is parameter_node
 
 
 def test_module_import_pulls_in_neither_qt_nor_torch():
-    """In a fresh interpreter: importing the module loads no Qt and no torch (models load on demand)."""
+    """In a fresh interpreter: importing the module loads no Qt, no torch and none of the packages installed on first
+    use (so the module loads in a fresh Slicer and can offer to install them); models load on demand."""
     code = f"""
 import sys
 sys.path[:0] = [{str(REPO_ROOT / "Testing")!r}, {str(MODULE_DIR)!r}]
 import slicer_fixtures
 sys.modules["slicer.ScriptedLoadableModule"] = slicer_fixtures.make_scripted_loadable_module_stub()
 import LumbarBMD
-print(sorted(m for m in ("torch", "monai", "qt", "ctk", "PythonQt") if m in sys.modules))
+print(sorted(m for m in ("torch", "monai", "qt", "ctk", "PythonQt", "scipy", "skimage", "sklearn", "matplotlib",
+                        "safetensors", "tqdm") if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
@@ -300,7 +302,8 @@ def test_ui_file_is_a_well_formed_qmrmlwidget():
 def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
     source = MODULE_FILE.read_text(encoding="utf-8")
     used = set(re.findall(r"\bself\.ui\.(\w+)", source))
-    assert used >= {"inputVolumeSelector", "computeButton", "statusLabel"}
+    assert used >= {"inputVolumeSelector", "computeButton", "statusLabel", "recomputeButton", "resultsTableWidget",
+                    "exportTrainingPairButton", "qctL4SpinBox"}
     names = {w.get("name") for w in ui_tree().getroot().iter("widget")}
     assert used <= names, f"used in LumbarBMD.py but missing in LumbarBMD.ui: {sorted(used - names)}"
 
@@ -317,30 +320,49 @@ def prop(element: ET.Element, name: str) -> ET.Element | None:
 
 def test_ui_widgets_are_configured_as_specified():
     root = ui_tree().getroot()
-    inputs = [w for w in root.iter("widget") if w.get("class") == "ctkCollapsibleButton"]
-    assert [prop(w, "text").findtext("string") for w in inputs] == ["Inputs"]
-    assert "inputVolumeSelector" in [w.get("name") for w in inputs[0].iter("widget")]
-    selector = widget("inputVolumeSelector")
-    assert selector.get("class") == "qMRMLNodeComboBox"
-    assert [s.text for s in prop(selector, "nodeTypes").iter("string")] == ["vtkMRMLScalarVolumeNode"]
-    assert prop(selector, "noneEnabled").findtext("bool") == "true"
-    assert prop(selector, "addEnabled").findtext("bool") == "false"
-    assert prop(selector, "removeEnabled").findtext("bool") == "false"
+    sections = [w for w in root.iter("widget") if w.get("class") == "ctkCollapsibleButton"]
+    assert [prop(w, "text").findtext("string") for w in sections] == [
+        "Inputs", "Advanced", "Results", "Annotation (training data)"]
+    assert "inputVolumeSelector" in [w.get("name") for w in sections[0].iter("widget")]
+    node_types = {
+        "inputVolumeSelector": "vtkMRMLScalarVolumeNode",
+        "segmentationSelector": "vtkMRMLSegmentationNode",
+        "tableSelector": "vtkMRMLTableNode",
+        "annotationImageSelector": "vtkMRMLScalarVolumeNode",
+        "annotationSegmentationSelector": "vtkMRMLSegmentationNode",
+    }
+    for name, node_type in node_types.items():
+        selector = widget(name)
+        assert selector.get("class") == "qMRMLNodeComboBox"
+        assert [s.text for s in prop(selector, "nodeTypes").iter("string")] == [node_type]
+        assert prop(selector, "noneEnabled").findtext("bool") == "true"
+        assert prop(selector, "addEnabled").findtext("bool") == "false"
+        assert prop(selector, "removeEnabled").findtext("bool") == "false"
 
-    button = widget("computeButton")
-    assert button.get("class") == "QPushButton"
-    assert prop(button, "text").findtext("string") == "Compute BMD"
-    assert prop(button, "enabled").findtext("bool") == "false"
-    assert "later version" in prop(button, "toolTip").findtext("string")
+    buttons = {"computeButton": "Compute BMD", "editSegmentsButton": "Edit segments",
+               "recomputeButton": "Recompute BMD", "createAnnotationButton": "Create annotation image",
+               "exportTrainingPairButton": "Export training pair", "cancelButton": "Cancel"}
+    for name, text in buttons.items():
+        button = widget(name)
+        assert button.get("class") == "QPushButton"
+        assert prop(button, "text").findtext("string") == text
+        assert prop(button, "toolTip").findtext("string")
+    for level in ("L1", "L2", "L3", "L4"):
+        spin = widget(f"qct{level}SpinBox")
+        assert spin.get("class") == "QDoubleSpinBox"
+        assert float(prop(spin, "minimum").findtext("double")) == 0.0  # 0 shows "—": no reference value
+        assert float(prop(spin, "maximum").findtext("double")) == 400.0
+    assert widget("resultsTableWidget").get("class") == "QTableWidget"
     assert widget("statusLabel").get("class") == "QLabel"
+    assert widget("meanBMDLabel").get("class") == "QLabel"
+    assert widget("datasetFolderButton").get("class") == "ctkDirectoryButton"
 
-    connections = [
+    connections = {
         (c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
         for c in root.iter("connection")
-    ]
-    assert ("LumbarBMD", "mrmlSceneChanged(vtkMRMLScene*)", "inputVolumeSelector", "setMRMLScene(vtkMRMLScene*)") in (
-        connections
-    )
+    }
+    for name in node_types:  # every node selector gets the scene
+        assert ("LumbarBMD", "mrmlSceneChanged(vtkMRMLScene*)", name, "setMRMLScene(vtkMRMLScene*)") in connections
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,508 @@
+"""The Slicer module's Logic on a real slicer-core MRML scene, with the shipped models and phantom CTs.
+
+What a radiologist and an annotator do in Slicer, without the application: compute → segments and table; edit a
+segment through its array → recompute; annotation image → draw → export → the training readers accept it;
+save and reload the scene → results intact. Every check compares with the phantom's truth or with the library
+run directly (the Logic must add no algorithm of its own).
+"""
+
+# The fixtures are imported from slicer_fixtures and requested by name as test arguments:
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import vtk
+from slicer_fixtures import (  # noqa: F401  (fixtures are used by name)
+    allow_vtk_errors,
+    lumbarbmd_module,
+    mrml,
+    new_mrml_env,
+    scripted_module_stub,
+    use_scene,
+    vtk_messages,
+)
+from vtk.util.numpy_support import vtk_to_numpy
+
+from LumbarBMDLib.bmd_training import case_reference, find_bmd_cases, read_reference
+from LumbarBMDLib.errors import ComputationCancelled, LumbarBMDError
+from LumbarBMDLib.figures import CATEGORY_COLOURS, LEVEL_COLOURS
+from LumbarBMDLib.localisation import REASON_NOT_LABELLED
+from LumbarBMDLib.phantom import generate_case
+from LumbarBMDLib.pipeline import measure, results_json
+from LumbarBMDLib.regression import RegressionModel
+from LumbarBMDLib.seg_training import find_pairs, load_pair
+from LumbarBMDLib.segmentation import SegmentationModel
+from LumbarBMDLib.volume import CTVolume
+
+pytestmark = pytest.mark.slicer
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LEVELS = ("L1", "L2", "L3", "L4")
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A vendor-A small phantom with a seed never used in training."""
+    return generate_case(99_301, "A", "small")
+
+
+@pytest.fixture(scope="module")
+def direct(case):
+    """The library run directly on the same CT: what the Logic must reproduce exactly."""
+    seg, bmd = SegmentationModel.load(device="cpu"), RegressionModel.load(device="cpu")
+    result = measure(case.ct, seg, bmd)
+    return result, results_json(result, "direct", seg, bmd)
+
+
+@pytest.fixture
+def logic(lumbarbmd_module, mrml):
+    logic = lumbarbmd_module.LumbarBMDLogic()
+    logic.getParameterNode().device = "cpu"
+    return logic
+
+
+@pytest.fixture
+def ct_node(logic, case):
+    return logic.ctVolumeToVolumeNode(case.ct, "Phantom CT")
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+def segment_voxels_lps(segmentation_node, segment_id) -> np.ndarray:
+    """LPS points (N, 3) of a segment's voxels, read from its own oriented labelmap (independent of the Logic)."""
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    dims = image.GetDimensions()
+    values = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+    k, j, i = np.nonzero(values)
+    extent = image.GetExtent()
+    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)], axis=1).astype(float)
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    ras = ijk @ slicer.util.arrayFromVTKMatrix(m).T
+    return (ras @ LPS_TO_RAS.T)[:, :3]
+
+
+def truth_label_at(case, lps: np.ndarray) -> np.ndarray:
+    index = np.rint(case.ct.lps_to_index(lps)).astype(int)
+    nz, ny, nx = case.labels.shape
+    inside = (index >= 0).all(axis=1) & (index < [nx, ny, nz]).all(axis=1)
+    out = np.zeros(len(lps), dtype=int)
+    out[inside] = case.labels[index[inside, 2], index[inside, 1], index[inside, 0]]
+    return out
+
+
+def table_column(table_node, name) -> list[str]:
+    col = table_node.GetColumnIndex(name)
+    return [table_node.GetCellText(r, col) for r in range(table_node.GetNumberOfRows())]
+
+
+def number(text: str) -> float:
+    return float(text) if text not in ("", "nan") else float("nan")
+
+
+def add_sagittal_view(scene, presets: bool = True):
+    """The nodes Slicer's layout creates for the sagittal (Yellow) view (with the application's orientation presets,
+    or without them as a bare scene has)."""
+    if presets:
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_node.SetLayoutName("Yellow")
+    slice_node.SetOrientationToAxial() if presets else None
+    slice_node.SetDimensions(400, 400, 1)
+    composite = slicer.vtkMRMLSliceCompositeNode()
+    composite.SetLayoutName("Yellow")
+    scene.AddNode(composite)
+    return slice_node, composite
+
+
+# --------------------------------------------------------------------------------------
+# compute
+# --------------------------------------------------------------------------------------
+def test_compute_makes_four_named_coloured_segments_on_the_truth(logic, ct_node, case, mrml):
+    nodes = logic.compute(ct_node)
+    seg = nodes.segmentation
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(4)] == list(LEVELS)
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(4)] == list(LEVELS)
+    for value, level in enumerate(LEVELS, start=1):
+        np.testing.assert_allclose(segmentation.GetSegment(level).GetColor(),
+                                   np.array(LEVEL_COLOURS[value]) / 255.0, atol=1e-6)
+    # referenced to the CT (the Segment Editor offers it as source volume)
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID() == ct_node.GetID()
+    assert seg.GetNodeReference(logic.SOURCE_VOLUME_ROLE).GetID() == ct_node.GetID()
+    # each segment lies on its vertebral body in the phantom's 3-D truth
+    for value, level in enumerate(LEVELS, start=1):
+        lps = segment_voxels_lps(seg, level)
+        assert len(lps) * 0.8 * 0.8 > 300  # mm², a vertebral body on a sagittal plane
+        on_truth = truth_label_at(case, lps)
+        assert np.mean(on_truth == value) > 0.85, (level, np.bincount(on_truth))
+    params = logic.getParameterNode()
+    assert params.segmentation.GetID() == seg.GetID() and params.table.GetID() == nodes.table.GetID()
+    assert params.inputVolume.GetID() == ct_node.GetID()
+
+
+def test_compute_table_holds_the_library_values(logic, ct_node, case, direct):
+    _, expected = direct
+    nodes = logic.compute(ct_node)
+    table = nodes.table
+    assert table_column(table, "Level") == list(LEVELS)
+    assert table.GetColumnUnitLabel("BMD") == "mg/cm³"
+    bmd = [number(t) for t in table_column(table, "BMD")]
+    # the Logic adds no algorithm: the same numbers as the library on the same CT
+    assert bmd == pytest.approx([v["bmd_mg_cm3"] for v in expected["vertebrae"]], abs=0.051)
+    for level, value in zip(LEVELS, bmd, strict=True):
+        assert abs(value - case.truth["bmd_mg_cm3"][level]) < 12.0
+    assert table_column(table, "Category") == [v["category"] for v in expected["vertebrae"]]
+    for axis, name in enumerate(("Centre x (LPS)", "Centre y (LPS)", "Centre z (LPS)")):
+        got = [number(t) for t in table_column(table, name)]
+        assert got == pytest.approx([v["centre_lps"][axis] for v in expected["vertebrae"]], abs=0.01)
+    confidence = [number(t) for t in table_column(table, "Confidence")]
+    assert all(0.0 < c <= 1.0 for c in confidence)
+    for category, colour in zip(table_column(table, "Category"), table_column(table, "Colour"), strict=True):
+        assert colour == "#{:02X}{:02X}{:02X}".format(*CATEGORY_COLOURS[category])
+    assert table.GetAttribute("LumbarBMD.Status") == "ok"
+    assert float(table.GetAttribute("LumbarBMD.MeanBMD")) == pytest.approx(expected["mean_bmd_mg_cm3"], abs=0.051)
+    results = json.loads(table.GetAttribute(logic.RESULTS_ATTRIBUTE))
+    assert results["status"] == "ok" and results["models"] == expected["models"]
+
+    summary = logic.patientSummary(table)
+    assert summary["text"] == f"Mean BMD {expected['mean_bmd_mg_cm3']:.1f} mg/cm³: {expected['category']}"
+    assert summary["colour"] == "#{:02X}{:02X}{:02X}".format(*CATEGORY_COLOURS[expected["category"]])
+    rows = logic.tableRows(table)
+    assert [r["level"] for r in rows] == list(LEVELS) and all(r["bmd"] != "—" for r in rows)
+
+    # computing again updates the same nodes instead of adding new ones
+    again = logic.compute(ct_node)
+    assert again.segmentation.GetID() == nodes.segmentation.GetID() and again.table.GetID() == table.GetID()
+
+
+@pytest.mark.parametrize("presets", [True, False])
+def test_compute_sets_the_sagittal_view_on_the_canal_plane(logic, ct_node, mrml, direct, presets):
+    slice_node, composite = add_sagittal_view(mrml.scene, presets)
+    result, expected = direct
+    logic.compute(ct_node)
+    assert composite.GetBackgroundVolumeID() == ct_node.GetID()
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
+    normal, origin = slice_to_ras[:3, 2], slice_to_ras[:3, 3]
+    np.testing.assert_allclose(np.abs(normal), [1.0, 0.0, 0.0], atol=1e-9)  # a sagittal plane
+    assert -origin[0] == pytest.approx(result.label_geometry.sagittal_x_lps, abs=1e-6)  # RAS R = -LPS x
+    z = [v["centre_lps"][2] for v in expected["vertebrae"]]
+    assert min(z) < origin[2] < max(z)  # centred on L1–L4
+    assert slice_node.GetFieldOfView()[1] == pytest.approx(logic.VIEW_HEIGHT_MM)
+
+
+def test_compute_reports_progress_and_cancels_without_touching_the_scene(logic, ct_node, mrml):
+    seen = []
+
+    def progress(fraction, message):
+        seen.append((fraction, message))
+        if fraction >= 0.3:
+            raise ComputationCancelled("cancelled")
+
+    before = mrml.scene.GetNumberOfNodes()
+    with pytest.raises(ComputationCancelled):
+        logic.compute(ct_node, progress)
+    assert [f for f, _ in seen] == [0.0, 0.3] and "canal" in seen[0][1]
+    assert mrml.scene.GetNumberOfNodes() == before
+    assert logic.getParameterNode().segmentation is None
+
+
+def test_compute_failures_raise_the_library_message_and_leave_the_scene_as_it_was(logic, mrml, case):
+    rng = np.random.default_rng(3)
+    water = CTVolume(hu=np.where(rng.random((40, 64, 64)) < 0.5, -1000, 0).astype(np.int16), spacing=(2, 2, 2.5),
+                     origin=(0, 0, 0))
+    mr = CTVolume(hu=rng.integers(0, 800, (40, 64, 64)).astype(np.int16), spacing=(1, 1, 2), origin=(0, 0, 0))
+    thin = CTVolume(hu=case.ct.hu[:3].copy(), spacing=case.ct.spacing, origin=case.ct.origin)
+    expected = {"no spine": "canal", "MR": "do not look like CT", "thin": "only 3 slice"}
+    for name, volume in (("no spine", water), ("MR", mr), ("thin", thin)):
+        node = logic.ctVolumeToVolumeNode(volume, name)
+        before = mrml.scene.GetNumberOfNodes()
+        with pytest.raises(LumbarBMDError, match=expected[name]) as error:
+            logic.compute(node)
+        assert f"the volume '{name}'" in str(error.value) or name == "no spine"
+        assert mrml.scene.GetNumberOfNodes() == before, name
+    assert logic.getParameterNode().segmentation is None and logic.getParameterNode().table is None
+    with pytest.raises(LumbarBMDError, match="no CT volume selected"):
+        logic.compute(None)
+
+
+def test_a_scan_without_sacrum_or_t12_is_refused_not_guessed(logic, mrml, case):
+    """Only L1–L2 in view: the numbering has no anchor, so no BMD (a dialog says why); the scene is unchanged."""
+    z = case.ct.index_to_lps(np.stack([np.zeros(case.ct.shape[0]), np.zeros(case.ct.shape[0]),
+                                       np.arange(case.ct.shape[0])], axis=1))[:, 2]
+    labels_z = [z[np.nonzero((case.labels == v).any(axis=(1, 2)))[0]] for v in (1, 2)]
+    keep = (z >= min(labels_z[1].min(), labels_z[0].min()) - 2) & (z <= max(labels_z[0].max(), labels_z[1].max()) + 2)
+    k = np.nonzero(keep)[0]
+    cut = CTVolume(hu=case.ct.hu[k[0]:k[-1] + 1].copy(), spacing=case.ct.spacing,
+                   origin=case.ct.index_to_lps([0, 0, k[0]]), direction=case.ct.direction)
+    node = logic.ctVolumeToVolumeNode(cut, "L1-L2 only")
+    before = mrml.scene.GetNumberOfNodes()
+    with pytest.raises(LumbarBMDError, match="no anchor"):
+        logic.compute(node)
+    assert mrml.scene.GetNumberOfNodes() == before
+
+
+# --------------------------------------------------------------------------------------
+# edit -> recompute
+# --------------------------------------------------------------------------------------
+def test_removing_l2_and_recomputing_gives_a_partial_result(logic, ct_node, mrml):
+    nodes = logic.compute(ct_node)
+    before = {r["level"]: r for r in logic.tableRows(nodes.table)}
+    seg = nodes.segmentation
+    array = slicer.util.arrayFromSegmentBinaryLabelmap(seg, "L2", ct_node)
+    assert array.any()
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(array), seg, "L2", ct_node)
+
+    again = logic.recompute()
+    assert again.table.GetID() == nodes.table.GetID()  # the same table, updated
+    rows = {r["level"]: r for r in logic.tableRows(again.table)}
+    assert rows["L2"]["bmd"] == "—" and rows["L2"]["category"] == "not measured"
+    assert rows["L2"]["note"] == REASON_NOT_LABELLED
+    for level in ("L1", "L3", "L4"):  # edited labels, same vertebrae: the same values
+        assert float(rows[level]["bmd"]) == pytest.approx(float(before[level]["bmd"]), abs=0.15)
+        assert rows[level]["confidence"] == "—"  # no network confidence for edited segments
+    assert again.table.GetAttribute("LumbarBMD.Status") == "partial"
+    mean = np.mean([float(rows[lv]["bmd"]) for lv in ("L1", "L3", "L4")])
+    assert float(again.table.GetAttribute("LumbarBMD.MeanBMD")) == pytest.approx(mean, abs=0.1)
+    message = logic.patientSummary(again.table)["message"]
+    assert message.startswith("Partial result") and "L2" in message
+    assert again.results["level_numbering_anchor"] == "edited labels"
+
+    # erasing every level: the library's error, and the table keeps the last result
+    for level in ("L1", "L3", "L4"):
+        slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(array), seg, level, ct_node)
+    with pytest.raises(LumbarBMDError, match="no L1–L4 segment"):
+        logic.recompute()
+    assert again.table.GetAttribute("LumbarBMD.Status") == "partial"
+
+
+def test_recompute_reads_levels_by_name_and_needs_a_segmentation(logic, ct_node, mrml):
+    with pytest.raises(LumbarBMDError, match="Compute BMD"):
+        logic.recompute()
+    nodes = logic.compute(ct_node)
+    segmentation = nodes.segmentation.GetSegmentation()
+    geometry = logic.labelGeometry(nodes.segmentation)
+    original = logic.labelsFromSegmentation(nodes.segmentation, geometry)
+    # an annotator reorders the segments and types " l3" by hand: the label values still follow the names
+    segmentation.GetSegment("L3").SetName(" l3")
+    segmentation.SetSegmentIndex("L4", 0)
+    np.testing.assert_array_equal(logic.labelsFromSegmentation(nodes.segmentation, geometry), original)
+    segmentation.GetSegment("L1").SetName("L2")
+    with pytest.raises(LumbarBMDError, match=r"two segments .* named L2"):
+        logic.recompute()
+
+
+# --------------------------------------------------------------------------------------
+# annotation
+# --------------------------------------------------------------------------------------
+def node_grid(node, pixel_type) -> sitk.Image:
+    """An empty SimpleITK image on a node's grid, whose LPS geometry is derived here from IJKToRAS."""
+    affine = LPS_TO_RAS @ ijk_to_ras(node)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    ref = sitk.Image(list(slicer.util.arrayFromVolume(node).shape[::-1]), pixel_type)
+    ref.SetSpacing(spacing.tolist())
+    ref.SetOrigin(affine[:3, 3].tolist())
+    ref.SetDirection((affine[:3, :3] / spacing).ravel().tolist())
+    return ref
+
+
+def resample_ct_on(node, case) -> np.ndarray:
+    """The CT resampled (linear) onto a node's grid."""
+    out = sitk.Resample(case.ct.to_sitk(np.float32), node_grid(node, sitk.sitkFloat32), sitk.Transform(),
+                        sitk.sitkLinear, -1024.0)
+    return sitk.GetArrayFromImage(out)
+
+
+def truth_on(node, case) -> np.ndarray:
+    """The phantom's truth vertebral bodies L1–L4 (nearest neighbour) on a node's grid."""
+    truth = sitk.GetImageFromArray(case.labels.astype(np.uint8))
+    truth.CopyInformation(case.ct.to_sitk())
+    labels = sitk.GetArrayFromImage(sitk.Resample(truth, node_grid(node, sitk.sitkUInt8), sitk.Transform(),
+                                                  sitk.sitkNearestNeighbor, 0))
+    return np.where(labels <= 4, labels, 0).astype(np.uint8)
+
+
+def test_annotation_image_overlays_the_ct(logic, ct_node, case):
+    image_node, seg_node = logic.createAnnotationImage(ct_node)
+    image = slicer.util.arrayFromVolume(image_node)
+    assert image.shape == (1, 512, 512) and image.dtype == np.float32
+    # the 20-slice mean matches the CT on the node's own grid (a wrong flip or shift would decorrelate them)
+    ct_on_grid = resample_ct_on(image_node, case)
+    inside = ct_on_grid > -1000
+    assert np.corrcoef(image[inside], ct_on_grid[inside])[0, 1] > 0.9
+    # the grid is a true sagittal plane through the canal, rows superior -> inferior, anterior on the left
+    affine = LPS_TO_RAS @ ijk_to_ras(image_node)
+    np.testing.assert_allclose(affine[:3, :3] / 0.8, [[0, 0, -1], [1, 0, 0], [0, -1, 0]], atol=1e-9)
+    # an empty segmentation with L1..L4 in the level colours, on the image's grid
+    segmentation = seg_node.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(4)] == list(LEVELS)
+    np.testing.assert_allclose(segmentation.GetSegment("L3").GetColor(), np.array(LEVEL_COLOURS[3]) / 255.0)
+    assert seg_node.GetNodeReference(seg_node.GetReferenceImageGeometryReferenceRole()).GetID() == image_node.GetID()
+    assert not logic.labelsFromSegmentation(seg_node, logic.labelGeometry(seg_node)).any()
+    params = logic.getParameterNode()
+    assert params.annotationImage.GetID() == image_node.GetID() and params.caseId == "Phantom_CT"
+
+    # creating it again keeps what was drawn
+    drawn = truth_on(image_node, case)[0]
+    logic.setLevelSegments(seg_node, drawn, logic.labelGeometry(seg_node), image_node)
+    image_again, seg_again = logic.createAnnotationImage(ct_node)
+    assert image_again.GetID() == image_node.GetID() and seg_again.GetID() == seg_node.GetID()
+    np.testing.assert_array_equal(logic.labelsFromSegmentation(seg_again, logic.labelGeometry(seg_again)), drawn)
+
+
+def draw_truth(seg_node, image_node, case) -> np.ndarray:
+    """An annotator paints each vertebral body (the phantom's truth on the image) into its segment."""
+    drawn = truth_on(image_node, case)
+    for value, level in enumerate(LEVELS, start=1):
+        slicer.util.updateSegmentBinaryLabelmapFromArray((drawn == value).astype(np.uint8), seg_node, level,
+                                                         image_node)
+    return drawn[0]
+
+
+def test_export_training_pair_reimports_to_the_same_arrays(logic, ct_node, case, tmp_path):
+    image_node, seg_node = logic.createAnnotationImage(ct_node)
+    drawn = draw_truth(seg_node, image_node, case)
+    assert set(np.unique(drawn)) == {0, 1, 2, 3, 4}
+    params = logic.getParameterNode()
+    params.datasetFolder = str(tmp_path / "dataset")
+    params.caseId = "case01"
+    reference = {level: round(case.truth["bmd_mg_cm3"][level], 1) for level in LEVELS}
+    for level, value in reference.items():
+        setattr(params, f"qct{level}", value)
+    folder = logic.exportTrainingPair()
+    assert folder == tmp_path / "dataset" / "case01"
+
+    image = sitk.ReadImage(str(folder / "annotation_image.nii.gz"))
+    labels = sitk.ReadImage(str(folder / "annotation_labels.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), slicer.util.arrayFromVolume(image_node))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels)[0], drawn)
+    assert labels.GetPixelID() == sitk.sitkUInt8
+    affine = LPS_TO_RAS @ ijk_to_ras(image_node)
+    np.testing.assert_allclose(image.GetOrigin(), affine[:3, 3], atol=1e-4)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), affine[:3, :3] / 0.8, atol=1e-6)
+    meta = json.loads((folder / "annotation.json").read_text(encoding="utf-8"))
+    assert meta["case"] == "case01" and meta["levels_drawn"] == list(LEVELS)
+    assert meta["qct_reference_mg_cm3"] == reference and meta["label_values"]["3"] == "L3"
+    assert meta["canal"]["sagittal_x_lps"] == pytest.approx(logic.labelGeometry(seg_node).sagittal_x_lps, abs=1e-3)
+    ct = sitk.ReadImage(str(folder / "ct.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ct), case.ct.hu)
+
+    # the training readers take it as it is
+    dataset = tmp_path / "dataset"
+    assert find_pairs(dataset) == [folder]
+    pair = load_pair(folder)
+    np.testing.assert_array_equal(pair.labels, drawn)
+    assert find_bmd_cases(dataset) == [folder]
+    assert case_reference(folder, read_reference(dataset)) == reference
+
+    # a second export of the same id is refused unless overwriting is allowed; the files are unchanged
+    with pytest.raises(LumbarBMDError, match="already exists"):
+        logic.exportTrainingPair()
+    params.overwriteCase = True
+    params.qctL4 = 0.0  # L4's reference cleared
+    logic.exportTrainingPair()
+    with (dataset / "bmd_reference.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["level"] for r in rows] == ["L1", "L2", "L3"] and {r["case"] for r in rows} == {"case01"}
+
+
+def test_export_refuses_bad_input_and_writes_nothing(logic, ct_node, case, tmp_path):
+    image_node, seg_node = logic.createAnnotationImage(ct_node)
+    dataset = tmp_path / "dataset"
+    params = logic.getParameterNode()
+    with pytest.raises(LumbarBMDError, match="dataset folder"):
+        logic.exportTrainingPair()
+    params.datasetFolder = str(dataset)
+    with pytest.raises(LumbarBMDError, match="no vertebra is drawn"):
+        logic.exportTrainingPair(caseId="empty")
+    drawn = truth_on(image_node, case)
+    slicer.util.updateSegmentBinaryLabelmapFromArray((drawn == 1).astype(np.uint8), seg_node, "L1", image_node)
+    with pytest.raises(LumbarBMDError, match="cannot be a folder name"):
+        logic.exportTrainingPair(caseId="../escape")
+    with pytest.raises(LumbarBMDError, match="L2 has a QCT reference value but is not drawn"):
+        logic.exportTrainingPair(caseId="c1", referenceBMD={"L2": 100.0})
+    with pytest.raises(LumbarBMDError, match="a typing error"):
+        logic.exportTrainingPair(caseId="c1", referenceBMD={"L1": 1000.0})
+    assert not dataset.exists() or not any(dataset.iterdir())
+    folder = logic.exportTrainingPair(caseId="c1", referenceBMD={})
+    assert sorted(p.name for p in folder.iterdir()) == ["annotation.json", "annotation_image.nii.gz",
+                                                        "annotation_labels.nii.gz"]
+
+
+# --------------------------------------------------------------------------------------
+# the parameter node and the scene survive saving and reloading
+# --------------------------------------------------------------------------------------
+def test_parameters_are_stored_as_slicers_parameter_node_wrapper_stores_them(logic, ct_node):
+    params = logic.getParameterNode()
+    node = params.parameterNode
+    assert node.GetParameter("device") == "cpu" and node.GetParameter("overwriteCase") == "False"
+    params.overwriteCase = True
+    params.qctL2 = 95.5
+    params.inputVolume = ct_node
+    assert node.GetParameter("overwriteCase") == "True" and node.GetParameter("qctL2") == "95.5"
+    assert node.GetNodeReferenceID("inputVolume") == ct_node.GetID() and node.HasParameter("inputVolume")
+    again = type(params)(node)  # a new wrapper on the same node reads the same values
+    assert again.qctL2 == 95.5 and again.overwriteCase is True and again.inputVolume.GetID() == ct_node.GetID()
+    with pytest.raises(TypeError):
+        params.segmentation = ct_node  # a volume is not a segmentation
+
+
+def save_scene(scene, folder):
+    """Write every volume, segmentation and table with its storage node, then the .mrml (as Slicer's Save does)."""
+    folder.mkdir()
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        if not any(node.IsA(c) for c in ("vtkMRMLVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode")):
+            continue
+        if node.GetStorageNode() is None:
+            node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+        storage.SetFileName(str(folder / f"{node.GetID()}.{storage.GetDefaultWriteFileExtension()}"))
+        assert storage.WriteData(node) == 1, node.GetName()
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Commit() == 1
+
+
+def test_save_and_reload_the_scene_keeps_results_and_recompute_works(lumbarbmd_module, logic, ct_node, mrml,
+                                                                      monkeypatch, tmp_path):
+    nodes = logic.compute(ct_node)
+    seg = nodes.segmentation
+    array = slicer.util.arrayFromSegmentBinaryLabelmap(seg, "L2", ct_node)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(array), seg, "L2", ct_node)
+    edited = logic.recompute()
+    rows = logic.tableRows(edited.table)
+    logic.createAnnotationImage(ct_node)
+    logic.getParameterNode().qctL3 = 123.4
+    assert nodes.table.GetStorageNode().GetDefaultWriteFileExtension() == "csv"
+    save_scene(mrml.scene, tmp_path / "saved")
+
+    env = new_mrml_env()
+    use_scene(monkeypatch, env)
+    env.scene.SetURL(str(tmp_path / "saved" / "scene.mrml"))
+    assert env.scene.Connect() == 1
+    reloaded = lumbarbmd_module.LumbarBMDLogic()  # a new logic: nothing cached
+    params = reloaded.getParameterNode()
+    assert params.qctL3 == 123.4 and params.device == "cpu"
+    assert params.inputVolume.GetName() == "Phantom CT"
+    assert params.table.GetAttribute("LumbarBMD.Status") == "partial"
+    assert reloaded.tableRows(params.table) == rows  # NaN cells of L2 survive the CSV
+    segmentation = params.segmentation.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(4)] == list(LEVELS)
+    assert reloaded.labelGeometry(params.segmentation) == logic.labelGeometry(seg)
+    assert params.annotationImage is not None and params.annotationSegmentation is not None
+    # the reloaded segments measure to the same table
+    again = reloaded.recompute()
+    assert reloaded.tableRows(again.table) == rows
