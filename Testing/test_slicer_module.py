@@ -394,3 +394,18 @@ def test_icons_are_128_pixel_pngs():
     ):
         with Image.open(path) as icon:
             assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+def test_extension_metadata_is_complete_and_points_at_files_in_the_repository():
+    text = (REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    fields = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', text))
+    for name in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS",
+                 "STATUS"):
+        assert fields.get(f"EXTENSION_{name}"), name
+    prefix = "https://raw.githubusercontent.com/lumbarbmd/SlicerLumbarBMD/main/"
+    for url in (fields["EXTENSION_ICONURL"], *fields["EXTENSION_SCREENSHOTURLS"].split()):
+        assert url.startswith(prefix) and (REPO_ROOT / url.removeprefix(prefix)).is_file(), url
+    assert "add_subdirectory(LumbarBMD)" in text
+    module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "LumbarBMDLib" in module_cmake and "Resources/Models" in module_cmake
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_cmake
