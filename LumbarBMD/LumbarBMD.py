@@ -455,6 +455,10 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = dependencies.missing_requirements()
         if not missing:
             return True
+        bundled = [r for r in missing if r.name in dependencies.BUNDLED_WITH_SLICER]
+        if bundled:
+            raise LumbarBMDError(f"this Slicer's {', '.join(map(str, bundled))} is too old for Lumbar BMD (it comes "
+                                 "with Slicer and is not replaced): use Slicer 5.4 or later")
         names = ", ".join(str(r) for r in missing)
         if not slicer.util.confirmOkCancelDisplay(
             f"Lumbar BMD needs these Python packages, which are not installed in Slicer yet:\n\n{names}\n\n"

@@ -28,6 +28,8 @@ RUNTIME_REQUIREMENTS: tuple[str, ...] = (
     "tqdm>=4.65",
     "packaging>=21",
 )
+#: Shipped with 3D Slicer: never pip-installed into Slicer's Python (replacing them would break Slicer itself).
+BUNDLED_WITH_SLICER: tuple[str, ...] = ("numpy", "SimpleITK", "packaging")
 
 
 

@@ -30,3 +30,11 @@ def test_torch_devices_say_what_torch_sees():
         assert torch.cuda.get_device_name(0) in choices["cuda"].label and choices["auto"].label == "auto (GPU)"
     else:
         assert choices["cuda"].label.startswith("GPU: none") and choices["auto"].label == "auto (CPU)"
+
+
+def test_packages_that_come_with_slicer_are_runtime_requirements():
+    """The module never pip-installs these into Slicer; they must still be checked (an old Slicer is an error)."""
+    from LumbarBMDLib.dependencies import BUNDLED_WITH_SLICER
+
+    names = {r.split(">=")[0] for r in RUNTIME_REQUIREMENTS}
+    assert set(BUNDLED_WITH_SLICER) <= names
