@@ -66,6 +66,11 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 NOT_MEASURED_COLOUR = "#BDBDBD"  # grey: a level or patient without a BMD
 
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    """``#RRGGBB`` of an RGB 0–255 colour."""
+    return "#{:02X}{:02X}{:02X}".format(*rgb)
+
 README_URL = "https://github.com/lumbarbmd/SlicerLumbarBMD#readme"
 
 
@@ -356,7 +361,8 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.observeSegmentation(p.segmentation)
 
             idle = not self._busy
-            self.ui.statusLabel.text = self.logic.volumeSummary(p.inputVolume) if idle else self.ui.statusLabel.text
+            if idle:
+                self.ui.statusLabel.text = self.logic.volumeSummary(p.inputVolume)
             self.ui.computeButton.enabled = idle and p.inputVolume is not None
             self.ui.editSegmentsButton.enabled = idle and p.segmentation is not None
             self.ui.recomputeButton.enabled = idle and p.segmentation is not None
@@ -941,12 +947,16 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
                 match = node
         return match
 
-    def _newNode(self, className: str, ctNode, role: str, suffix: str):
+    def _nodeForOrNew(self, className: str, ctNode, role: str, suffix: str) -> tuple:
+        """(node, created): this CT's node in ``role``, or a new one named "<CT> ``suffix``" linked to the CT."""
+        node = self._nodeFor(className, ctNode, role)
+        if node is not None:
+            return node, False
         node = slicer.mrmlScene.AddNewNodeByClass(className, slicer.mrmlScene.GenerateUniqueName(
             f"{ctNode.GetName()} {suffix}"))
         node.SetAttribute(self.ROLE_ATTRIBUTE, role)
         node.SetNodeReferenceID(self.SOURCE_VOLUME_ROLE, ctNode.GetID())
-        return node
+        return node, True
 
     def showResult(self, ctNode, measurement: Measurement) -> ResultNodes:
         """Create or update this CT's L1–L4 segmentation and BMD table, and set the sagittal view. Main thread.
@@ -956,15 +966,10 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         result, results = measurement.result, measurement.results
         created = []
         try:
-            segmentationNode = self._nodeFor("vtkMRMLSegmentationNode", ctNode, "result")
-            if segmentationNode is None:
-                segmentationNode = self._newNode("vtkMRMLSegmentationNode", ctNode, "result", "L1-L4")
-                created.append(segmentationNode)
-            tableNode = self._nodeFor("vtkMRMLTableNode", ctNode, "result")
-            if tableNode is None:
-                tableNode = self._newNode("vtkMRMLTableNode", ctNode, "result", "BMD")
-                created.append(tableNode)
-            tableNode.SetNodeReferenceID("LumbarBMD.Segmentation", segmentationNode.GetID())
+            segmentationNode, new = self._nodeForOrNew("vtkMRMLSegmentationNode", ctNode, "result", "L1-L4")
+            created += [segmentationNode] if new else []
+            tableNode, new = self._tableFor(segmentationNode, ctNode)
+            created += [tableNode] if new else []
             self.setLevelSegments(segmentationNode, result.labels, result.label_geometry, ctNode)
             self.fillResultsTable(tableNode, results)
         except Exception:
@@ -979,12 +984,11 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         self.showInSliceViews(ctNode, segmentationNode, results, result.label_geometry)
         return ResultNodes(segmentationNode, tableNode, results)
 
-    def _tableFor(self, segmentationNode, ctNode):
-        tableNode = self._nodeFor("vtkMRMLTableNode", ctNode, "result")
-        if tableNode is None:
-            tableNode = self._newNode("vtkMRMLTableNode", ctNode, "result", "BMD")
-            tableNode.SetNodeReferenceID("LumbarBMD.Segmentation", segmentationNode.GetID())
-        return tableNode
+    def _tableFor(self, segmentationNode, ctNode) -> tuple:
+        """(table node, created): this CT's results table, linked to the segmentation it was measured from."""
+        tableNode, created = self._nodeForOrNew("vtkMRMLTableNode", ctNode, "result", "BMD")
+        tableNode.SetNodeReferenceID("LumbarBMD.Segmentation", segmentationNode.GetID())
+        return tableNode, created
 
     @staticmethod
     def _geometryKey(ctNode) -> tuple:
@@ -993,13 +997,14 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
 
     def _annotationFor(self, ctNode):
         """The library's Annotation (CT, canal, sagittal images) of a CT: cached, else computed again."""
+        key = self._geometryKey(ctNode)
         cached = self._annotations.get(ctNode.GetID())
-        if cached is not None and cached[0] == self._geometryKey(ctNode):
+        if cached is not None and cached[0] == key:
             return cached[1]
         from LumbarBMDLib.annotation import prepare
 
         annotation = prepare(self.ctVolumeForMeasurement(ctNode))
-        self._annotations[ctNode.GetID()] = (self._geometryKey(ctNode), annotation)
+        self._annotations[ctNode.GetID()] = (key, annotation)
         return annotation
 
     def recompute(self, segmentationNode=None, ctNode=None) -> ResultNodes:
@@ -1031,7 +1036,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         results = results_json(result, annotation.volume.source, None, bmdModel)
         if results["status"] == "failed":
             raise LumbarBMDError(results["error"])
-        tableNode = self._tableFor(segmentationNode, ctNode)
+        tableNode, _ = self._tableFor(segmentationNode, ctNode)
         self.fillResultsTable(tableNode, results)
         params.segmentation = segmentationNode
         params.table = tableNode
@@ -1065,7 +1070,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
                 "Category": v["category"] or "",
                 "Centre x (LPS)": centre[0], "Centre y (LPS)": centre[1], "Centre z (LPS)": centre[2],
                 "Confidence": v["confidence"] if v["confidence"] is not None else float("nan"),
-                "Colour": "#{:02X}{:02X}{:02X}".format(*colour) if colour else "",
+                "Colour": _hex(colour) if colour else "",
                 "Note": v.get("reason", "") if not v["found"] else "",
             })
         wasModified = tableNode.StartModify()
@@ -1126,7 +1131,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         colour = CATEGORY_COLOURS.get(category)
         return {
             "text": f"Mean BMD {mean} mg/cm³: {category}" if mean else "No BMD",
-            "colour": "#{:02X}{:02X}{:02X}".format(*colour) if colour else NOT_MEASURED_COLOUR,
+            "colour": _hex(colour) if colour else NOT_MEASURED_COLOUR,
             "status": tableNode.GetAttribute("LumbarBMD.Status"),
             "message": tableNode.GetAttribute("LumbarBMD.Message") or "",
         }
@@ -1202,9 +1207,8 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(*WINDOW_HU)
 
-        segmentationNode = self._nodeFor("vtkMRMLSegmentationNode", ctNode, "annotation")
-        if segmentationNode is None:
-            segmentationNode = self._newNode("vtkMRMLSegmentationNode", ctNode, "annotation", "annotation")
+        segmentationNode, new = self._nodeForOrNew("vtkMRMLSegmentationNode", ctNode, "annotation", "annotation")
+        if new:  # an existing annotation keeps what was drawn
             self.setLevelSegments(segmentationNode, np.zeros((geometry.size, geometry.size), np.uint8), geometry,
                                   imageNode)
         params = self.getParameterNode()

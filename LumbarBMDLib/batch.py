@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from LumbarBMDLib.pipeline import CaseResult, measure, results_json
 from LumbarBMDLib.regression import RegressionModel
 from LumbarBMDLib.report import render_report
 from LumbarBMDLib.segmentation import SegmentationModel
-from LumbarBMDLib.volume import atomic_folder, read_ct, write_image
+from LumbarBMDLib.volume import atomic_folder, read_ct, write_csv, write_image
 
 SUMMARY_COLUMNS = ["case", "input", "status", "mean_bmd_mg_cm3", "category", "L1", "L2", "L3", "L4", "missing",
                    "error", "total_s"]
@@ -131,15 +130,7 @@ def summary_row(case: str, results: dict) -> dict:
 
 def write_summary(out_dir: Path, outcomes: list[CaseOutcome]) -> Path:
     """``DIR/summary.csv`` over the batch (atomic)."""
-    path = out_dir / "summary.csv"
-    tmp = out_dir / ".summary.csv.tmp"
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for o in outcomes:
-            writer.writerow(summary_row(o.case, o.results))
-    os.replace(tmp, path)
-    return path
+    return write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, (summary_row(o.case, o.results) for o in outcomes))
 
 
 def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto", force: bool = False,

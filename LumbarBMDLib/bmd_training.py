@@ -37,7 +37,7 @@ from LumbarBMDLib.localisation import LEVEL_NAMES, LevelLocation, level_centres_
 from LumbarBMDLib.patches import trabecular_patch
 from LumbarBMDLib.regression import BMD_CENTRE, BMD_SCALE, bmd_network
 from LumbarBMDLib.seg_training import files_named, resolve_device, split_cases, train_log
-from LumbarBMDLib.training_pair import REFERENCE_FILE
+from LumbarBMDLib.training_pair import REFERENCE_COLUMNS, REFERENCE_FILE
 from LumbarBMDLib.volume import read_ct
 from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
 
@@ -82,7 +82,7 @@ def read_reference(data_dir: Path) -> dict[str, dict[str, float]]:
     ref: dict[str, dict[str, float]] = {}
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = {"case", "level", "bmd_mg_cm3"} - set(reader.fieldnames or [])
+        missing = set(REFERENCE_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise LumbarBMDError(f"{path}: missing column(s) {', '.join(sorted(missing))} (need case,level,bmd_mg_cm3)")
         for i, row in enumerate(reader, start=2):

@@ -32,7 +32,6 @@ RUNTIME_REQUIREMENTS: tuple[str, ...] = (
 BUNDLED_WITH_SLICER: tuple[str, ...] = ("numpy", "SimpleITK", "packaging")
 
 
-
 def missing_requirements(requirements: tuple[str, ...] = RUNTIME_REQUIREMENTS) -> list[Requirement]:
     """The requirements that are not installed, or installed in a version outside their specifier (in order)."""
     missing = []

@@ -19,9 +19,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ import SimpleITK as sitk
 from LumbarBMDLib import __version__
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE
-from LumbarBMDLib.volume import CTVolume, atomic_folder, write_image, write_volume
+from LumbarBMDLib.volume import CTVolume, atomic_folder, write_csv, write_image, write_volume
 
 LEVEL_NAMES = ("L1", "L2", "L3", "L4")
 IMAGE_FILE = "annotation_image.nii.gz"
@@ -38,6 +36,7 @@ LABEL_FILE = "annotation_labels.nii.gz"
 METADATA_FILE = "annotation.json"
 CT_FILE = "ct.nii.gz"
 REFERENCE_FILE = "bmd_reference.csv"
+REFERENCE_COLUMNS = ["case", "level", "bmd_mg_cm3"]
 #: Plausible range of a QCT trabecular BMD (mg/cm³): outside it the value is a typing error.
 REFERENCE_RANGE = (1.0, 400.0)
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -126,20 +125,11 @@ def update_reference_csv(dataset: Path, case_id: str, reference: dict[str, float
     if path.is_file():
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if set(reader.fieldnames or []) != {"case", "level", "bmd_mg_cm3"}:
+            if set(reader.fieldnames or []) != set(REFERENCE_COLUMNS):
                 raise LumbarBMDError(f"{path} is not a reference table (expected the columns case,level,bmd_mg_cm3)")
             rows = [r for r in reader if r["case"] != case_id]
     rows += [{"case": case_id, "level": level, "bmd_mg_cm3": f"{value:g}"} for level, value in reference.items()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{REFERENCE_FILE}.", dir=dataset)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["case", "level", "bmd_mg_cm3"])
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_csv(path, REFERENCE_COLUMNS, rows)
     return path
 
 

@@ -8,13 +8,14 @@ index ``(i, j, k, 1)`` to an LPS point. After :func:`reorient_to_lps` the index 
 
 from __future__ import annotations
 
+import csv
 import gzip
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -800,6 +801,22 @@ def write_image(img: sitk.Image, path: str | Path) -> Path:
         raise LumbarBMDError(f"could not write {path}: {_first_line(err)}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def write_csv(path: str | Path, fieldnames: list[str], rows: Iterable[dict]) -> Path:
+    """Write a CSV table (header + ``rows`` as dicts) atomically: a temporary sibling file renamed into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
