@@ -26,6 +26,7 @@ import numpy as np
 
 from LumbarBMDLib.canal import CanalResult, find_canal
 from LumbarBMDLib.sagittal import (
+    SAGITTAL_SIZE,
     ANNOTATION_SLICES,
     CANDIDATE_SLICES,
     SAGITTAL_PIXEL_MM,
@@ -34,24 +35,35 @@ from LumbarBMDLib.sagittal import (
     sagittal_centre_yz,
     sagittal_images,
 )
-from LumbarBMDLib.volume import CTVolume, read_ct, write_image
+from LumbarBMDLib.spine import SpineIdentification, identify_spine
+from LumbarBMDLib.volume import CTVolume, axial_grid, read_ct, repair_damaged_slices, write_image
 
 ANNOTATION_FILES = ("annotation_image.nii.gz", "candidates.nii.gz", "canal.json", "annotation_preview.png")
 
 
 @dataclass
 class Annotation:
-    """A CT prepared for annotation (and for the segmentation network)."""
+    """A CT prepared for annotation (and for the segmentation network).
+
+    Attributes:
+        volume: the CT.
+        canal: the canal centres.
+        images: the sagittal images through the canal (the plane: :func:`sagittal_plane`).
+        spine: the vertebral-body chain, its anchors and numbering (None when not computed).
+        timings_s: seconds per step.
+    """
 
     volume: CTVolume
     canal: CanalResult
     images: SagittalImages
+    spine: SpineIdentification | None = None
     timings_s: dict = field(default_factory=dict)
 
     def canal_json(self) -> dict:
         """canal.json: DESIGN.md's contract plus the sagittal grid and timings."""
         out = {"input": self.volume.source, **self.canal.as_json()}
         ann, cand = self.images.annotation_geometry, self.images.candidate_geometry
+        out["sagittal_x_lps"] = round(ann.sagittal_x_lps, 3)  # the plane used (median over L1–L4 when identified)
         out["sagittal"] = {
             "pixel_mm": SAGITTAL_PIXEL_MM,
             "step_mm": SAGITTAL_STEP_MM,
@@ -61,18 +73,55 @@ class Annotation:
             "annotation_affine_lps": np.round(ann.affine, 6).tolist(),
             "candidates_affine_lps": np.round(cand.affine, 6).tolist(),
         }
+        if self.spine is not None:
+            out["spine"] = self.spine.as_json()
         out["timings_s"] = {k: round(v, 3) for k, v in self.timings_s.items()}
         return out
 
 
-def prepare(volume: CTVolume) -> Annotation:
-    """Canal detection and the sagittal images of a CT (no files written)."""
+def sagittal_plane(volume: CTVolume, canal: CanalResult, spine: SpineIdentification | None
+                   ) -> tuple[float, tuple[float, float]]:
+    """Where the sagittal images lie: ``(x, (y, z))`` in LPS mm.
+
+    * x: the median canal x over the identified L1–L4 (so a scoliotic thoracic spine or a few wrong centres do not
+      move the plane off the lumbar bodies), else over all the canal's centres.
+    * y, z: the centring policy of :func:`~LumbarBMDLib.sagittal.sagittal_centre_yz`; when L1–L4 are identified, z
+      is the middle of L1–L4 instead (the paper's centre crop on the levels that are measured), kept inside the scan
+      so that no more of the image lies outside it than the policy's.
+    """
+    y, z = sagittal_centre_yz(volume, canal.centres_lps)
+    lumbar = spine.lumbar_z_range() if spine is not None and spine.numbered else None
+    if lumbar is None:
+        return canal.sagittal_x_lps, (y, z)
+    x = canal.sagittal_x_between(*lumbar)
+    z_mid = 0.5 * (lumbar[0] + lumbar[1])
+    nz, ny, nx = volume.shape
+    corners = volume.index_to_lps(np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)],
+                                           dtype=float))
+    lo, hi = float(corners[:, 2].min()), float(corners[:, 2].max())
+    half = SAGITTAL_SIZE * SAGITTAL_PIXEL_MM / 2.0
+    if hi - lo > 2 * half:  # a long scan: the image stays inside it
+        z_mid = float(np.clip(z_mid, lo + half, hi - half))
+    else:  # a short scan: at most as much outside as when centred on it
+        z_mid = float(np.clip(z_mid, hi - half, lo + half))
+    return x, (y, z_mid)
+
+
+def prepare(volume: CTVolume, identify: bool = True) -> Annotation:
+    """Canal detection, the vertebral-body chain with its numbering (``identify``) and the sagittal images of a CT
+    (no files written). An oblique volume is first resampled onto an axial LPS grid (:func:`~LumbarBMDLib.volume.
+    axial_grid`) and damaged slices are replaced by their neighbours (:func:`~LumbarBMDLib.volume.
+    repair_damaged_slices`); :attr:`Annotation.volume` is the volume the analysis used."""
     t0 = time.perf_counter()
+    volume = repair_damaged_slices(axial_grid(volume))
     canal = find_canal(volume)
     t1 = time.perf_counter()
-    images = sagittal_images(volume, canal.sagittal_x_lps, sagittal_centre_yz(volume, canal.centres_lps))
+    spine = identify_spine(volume, canal) if identify else None
     t2 = time.perf_counter()
-    return Annotation(volume, canal, images, {"canal": t1 - t0, "sagittal": t2 - t1})
+    x, centre = sagittal_plane(volume, canal, spine)
+    images = sagittal_images(volume, x, centre)
+    t3 = time.perf_counter()
+    return Annotation(volume, canal, images, spine, {"canal": t1 - t0, "spine": t2 - t1, "sagittal": t3 - t2})
 
 
 def preview_png(ann: Annotation, path: str | Path) -> None:
@@ -87,13 +136,14 @@ def preview_png(ann: Annotation, path: str | Path) -> None:
     from LumbarBMDLib.figures import WINDOW_HU
 
     vol, canal, images = ann.volume, ann.canal, ann.images
+    plane_x = images.annotation_geometry.sagittal_x_lps
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.6))
     axes[0].imshow(images.annotation_hu, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1])
     px = images.annotation_geometry.lps_to_pixel(canal.centres_lps)
     axes[0].plot(px[:, 0], px[:, 1], ".", color=(1.0, 0.8, 0.0), ms=3, label="canal centres (projected)")
     axes[0].legend(loc="lower left", fontsize=8)
     axes[0].set_title(
-        f"annotation image: mean of {ANNOTATION_SLICES} sagittal slices at x = {canal.sagittal_x_lps:.1f} mm"
+        f"annotation image: mean of {ANNOTATION_SLICES} sagittal slices at x = {plane_x:.1f} mm"
     )
     mid = len(canal.slice_indices) // 2
     k = int(canal.slice_indices[mid])
@@ -103,8 +153,8 @@ def preview_png(ann: Annotation, path: str | Path) -> None:
     line = vol.lps_to_index(
         np.array(
             [
-                [canal.sagittal_x_lps, -500.0, canal.centres_lps[mid][2]],
-                [canal.sagittal_x_lps, 500.0, canal.centres_lps[mid][2]],
+                [plane_x, -500.0, canal.centres_lps[mid][2]],
+                [plane_x, 500.0, canal.centres_lps[mid][2]],
             ]
         )
     )
@@ -119,7 +169,7 @@ def preview_png(ann: Annotation, path: str | Path) -> None:
                    aspect=vol.spacing[2] / vol.spacing[0])
     half = (ANNOTATION_SLICES - 1) / 2.0 * SAGITTAL_STEP_MM
     for dx in (-half, half):
-        edge = vol.lps_to_index([canal.sagittal_x_lps + dx, canal.mean_centre_lps[1], canal.mean_centre_lps[2]])
+        edge = vol.lps_to_index([plane_x + dx, canal.mean_centre_lps[1], canal.mean_centre_lps[2]])
         axes[2].axvline(edge[0], color=(0.3, 0.8, 1.0), lw=1, ls="--")
     cij = vol.lps_to_index(canal.centres_lps)
     axes[2].plot(cij[:, 0], cij[:, 2], ".", color=(1.0, 0.8, 0.0), ms=3)

@@ -11,9 +11,16 @@ of the spine in view.
 Speed: the bone mask is max-pooled 2 × 2 in-plane before the morphology (the thin cortex survives a
 max-pool, so rings stay closed), which makes a 512 × 512 × 400 volume a 256 × 256 × 400 problem.
 
-The canal is enclosed by bone only at the pedicle levels (roughly 40 % of the slices; at the discs the
-intervertebral foramina open it). Centres are reported where it was found; :attr:`CanalResult.
-interpolated_centres_lps` fills the slices in between along the tube for users that need every slice.
+The canal is enclosed by bone only at the pedicle levels (roughly 40 % of the slices at 1 mm; on 3–5 mm slices the
+thin pedicles and laminae blur below 150 HU and the ring closes on a few slices only). A second pass, guided by that
+tube, follows the canal on the other slices as the dark region of CSF and epidural fat bounded by the vertebral
+body or the disc in front and the laminae behind (:func:`track_canal`, a star-shaped contour cast from the tube's
+prediction); it accepts a centre only where the contour is closed on most sides, dark inside and within a few mm
+of the prediction, so a wrong centre is refused rather than reported. :attr:`CanalResult.interpolated_centres_lps`
+fills the slices in between along the tube for users that need every slice.
+
+The sagittal position is the **median** of the centres' x (:attr:`CanalResult.sagittal_x_lps`), not their mean: a
+few centres in the wrong structure (a contrast-filled vessel, a kidney's medulla) cannot move the plane.
 """
 
 from __future__ import annotations
@@ -43,10 +50,33 @@ LINK_SLOPE_X = 0.2  # ... and this much per mm of z sideways (scoliosis moves th
 OUTLIER_MM = 7.0  # a centre this far from the running median of its neighbours is dropped
 PARTIAL_AREA = 0.75  # a foramen smaller than this × the running median area is only partly enclosed (endplates)
 MIN_BODY_FRACTION = 0.04  # bone fraction of the box in front of the canal (a vertebral body's cortex and marrow)
+MIDLINE_MM = 7.0  # … centred within this of the candidate (a rotated scoliotic vertebra: ≤ 5 mm)
 MAX_GAP_MM = 45.0  # longest run without a closed ring: one vertebral pitch (on 3 mm slices the ring may close
 # on a single slice per vertebra)
 MIN_CHAIN_MM = 40.0  # a canal shorter than this is not trusted
 MIN_FOUND_SLICES = 5
+MIN_SEED_MM = 15.0  # the bone-closed tube that guides the tracking must span this (3 mm slices: one vertebra) …
+MIN_SEED_SLICES = 3  # … over this many slices
+
+# Second pass (track_canal): the canal where bone does not close it, as a star-shaped dark region.
+TRACK_WALL_HU = 60.0  # canal contents (CSF 0–15 HU, epidural fat ≈ −100, cord ≈ 35) lie below; the disc (median
+# 84 HU on the real example, 10th percentile 61), ligamentum flavum, muscle and bone above
+TRACK_RAYS = 32
+TRACK_MAX_RADIUS_MM = 18.0  # a ray that meets no wall within this distance escaped (an intervertebral foramen)
+TRACK_STEP_MM = 0.5
+TRACK_SMOOTH_MM = 1.0  # in-plane Gaussian before casting (thin-slice noise ≈ 20–40 HU would end rays early)
+TRACK_MIN_CLOSED = 0.65  # fraction of rays that must meet a wall: the foramina open at most a third of the contour
+TRACK_ANTERIOR_MM = 14.0  # the body's posterior wall or the disc must close the front within this distance ...
+TRACK_POSTERIOR_MM = 25.0  # ... and the laminae / ligamentum flavum the back within this one
+TRACK_SECTOR_DEG = 35.0  # half-width of the anterior and posterior sectors
+TRACK_AREA_MM2 = (50.0, 650.0)  # the contour's area (thoracic canal ≈ 150 mm², lumbar 200–450 mm²)
+TRACK_MAX_MEAN_HU = 45.0  # mean inside the contour: CSF and fat, not myocardium or renal medulla (40–80 HU)
+TRACK_MAX_SHIFT_MM = 5.0  # from the tube's prediction: farther is another structure, refused
+TRACK_BEYOND_MM = 30.0  # beyond the ends of the bone-closed tube, follow the canal until this long without a centre
+TRACK_SIDEWAYS_MM = 3.0  # ... and within this (+ 0.1 mm per mm beyond the end) of the tube's sideways trend
+TRACK_ITERATIONS = 4  # re-centre the contour on its own centroid this many times
+SMOOTH_WINDOW_MM = 15.0  # the final centre line: a centre farther than OUTLIER_FINAL_MM from the median of its
+OUTLIER_FINAL_MM = 4.0  # neighbours within ±SMOOTH_WINDOW_MM is dropped
 
 
 @dataclass
@@ -56,8 +86,9 @@ class CanalResult:
     Attributes:
         centres_lps: ``(n, 3)`` canal centres (LPS mm), one per axial slice where the canal was found.
         slice_indices: ``(n,)`` axial slice index ``k`` of each centre.
-        areas_mm2: ``(n,)`` cross-section area of the enclosed foramen (mm²).
-        mean_centre_lps: mean of the centres (LPS mm); its x is the sagittal position.
+        areas_mm2: ``(n,)`` cross-section area of the foramen (mm²): the bone-enclosed region, or the tracked
+            contour where bone does not close the canal.
+        mean_centre_lps: mean of the centres (LPS mm).
         interpolated_centres_lps: ``(m, 3)`` centres on every slice from the lowest to the highest found
             slice, linearly interpolated between found slices.
         interpolated_slice_indices: ``(m,)`` their slice indices.
@@ -72,11 +103,33 @@ class CanalResult:
     interpolated_centres_lps: np.ndarray = field(repr=False)
     interpolated_slice_indices: np.ndarray = field(repr=False)
     drift_mm: float = 0.0
+    enclosed: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.enclosed is None:
+            self.enclosed = np.ones(len(self.slice_indices), bool)
 
     @property
     def sagittal_x_lps(self) -> float:
-        """LPS x (mm) of the sagittal plane through the mean canal centre."""
-        return float(self.mean_centre_lps[0])
+        """LPS x (mm) of the sagittal plane: the median of the centres' x (robust to a few wrong centres)."""
+        return float(np.median(self.centres_lps[:, 0]))
+
+    def sagittal_x_between(self, z_lo_mm: float, z_hi_mm: float) -> float:
+        """Median x (LPS mm) of the centres with z in ``[z_lo_mm, z_hi_mm]`` (e.g. the levels to be measured, so a
+        scoliotic thoracic spine does not move the lumbar plane); all centres when fewer than 3 lie there."""
+        z = self.centres_lps[:, 2]
+        sel = (z >= z_lo_mm) & (z <= z_hi_mm)
+        return float(np.median(self.centres_lps[sel if sel.sum() >= 3 else slice(None), 0]))
+
+    def centre_at_z(self, z_mm: np.ndarray | float) -> np.ndarray:
+        """The canal centre line at LPS height(s) ``z_mm``: ``(..., 3)`` LPS points, linear between the centres and
+        constant beyond the ends."""
+        z = np.asarray(z_mm, dtype=float)
+        pts = self.interpolated_centres_lps
+        order = np.argsort(pts[:, 2])
+        zz = pts[order, 2]
+        out = np.stack([np.interp(z, zz, pts[order, d]) for d in (0, 1)] + [z], axis=-1)
+        return out
 
     def as_json(self) -> dict:
         """The canal.json object (DESIGN.md contract, plus extra fields)."""
@@ -87,6 +140,7 @@ class CanalResult:
             "slices_found": len(self.slice_indices),
             "slice_indices": self.slice_indices.astype(int).tolist(),
             "areas_mm2": np.round(self.areas_mm2, 1).tolist(),
+            "enclosed_by_bone": [bool(v) for v in self.enclosed],
             "drift_x_mm": round(float(self.drift_mm), 2),
         }
 
@@ -162,7 +216,8 @@ def candidate_regions(
 ) -> _Candidates:
     """Connected enclosed regions per slice with plausible canal size, shape and content (mean HU), and, when
     ``bone`` (the pooled bone mask) is given, with a vertebral body in front: at least ``MIN_BODY_FRACTION`` of
-    bone in the box 8–50 mm anterior and ±15 mm lateral of the region's centroid."""
+    bone in the box 8–50 mm anterior and ±15 mm lateral of the region's centroid, with the bone of the box ±25 mm
+    wide centred within ``MIDLINE_MM`` of it (the canal is in the midline; a hole in a pedicle is not)."""
     labels, n = ndimage.label(enclosed, structure=_IN_PLANE)
     if n == 0:
         return _Candidates(np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), np.zeros(0, int), labels)
@@ -190,8 +245,15 @@ def candidate_regions(
         for m in np.flatnonzero(ok):
             kk_, j0, j1 = round(float(k[m])), int(mean_j[m] - 50.0 / px_y), int(mean_j[m] - 8.0 / px_y)
             i0, i1 = int(mean_i[m] - 15.0 / px_x), int(mean_i[m] + 15.0 / px_x) + 1
-            box = bone[kk_, max(j0, 0) : max(j1, 0), max(i0, 0) : max(i1, 0)]
-            ok[m] = box.size > 0 and box.mean() >= MIN_BODY_FRACTION
+            rows = slice(max(j0, 0), max(j1, 0))
+            box = bone[kk_, rows, max(i0, 0) : max(i1, 0)]
+            # the canal lies in the vertebra's midline: the bone in front of it (±25 mm) is centred on it, where a
+            # hole in a pedicle or a facet has the body to one side
+            w0, w1 = int(mean_i[m] - 25.0 / px_x), int(mean_i[m] + 25.0 / px_x) + 1
+            wide = bone[kk_, rows, max(w0, 0) : max(w1, 0)]
+            cols = np.nonzero(wide)[1]
+            offset = abs(cols.mean() + max(w0, 0) - mean_i[m]) * px_x if cols.size else np.inf
+            ok[m] = box.size > 0 and box.mean() >= MIN_BODY_FRACTION and offset <= MIDLINE_MM
     sel = idx[ok] - 1
     return _Candidates(
         k=np.rint(k[sel]).astype(int),
@@ -330,8 +392,195 @@ def drop_outliers(chain: np.ndarray, c: _Candidates, spacing_z_mm: float, window
     return chain[keep]
 
 
+def _ray_directions(volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
+    """The contour's rays: their angles (rad; 0 = patient's left, π/2 = posterior, LPS x–y) and the index step
+    ``(di, dj)`` per mm along each, ``(TRACK_RAYS, 2)``, through the slice's own in-plane axes."""
+    angles = np.linspace(0.0, 2.0 * np.pi, TRACK_RAYS, endpoint=False)
+    axes = (volume.direction @ np.diag(volume.spacing))[:, :2]  # LPS mm per index step of i and j
+    lps = np.stack([np.cos(angles), np.sin(angles), np.zeros_like(angles)])
+    steps = np.linalg.lstsq(axes, lps, rcond=None)[0].T
+    return angles, steps
+
+
+@dataclass
+class _Contour:
+    """A star-shaped canal contour on one slice: centre (i, j), area (mm²), whether it passed the checks."""
+
+    ij: np.ndarray
+    area_mm2: float
+    ok: bool
+
+
+def _contour_radii(img: np.ndarray, centre: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (mm) along each ray from ``centre`` (i, j in ``img``'s index) to the first pixel above
+    ``TRACK_WALL_HU`` (NaN where the ray escapes), and the HU along the rays ``(rays, samples)``."""
+    t = np.arange(TRACK_STEP_MM, TRACK_MAX_RADIUS_MM + 1e-6, TRACK_STEP_MM)
+    ii = centre[0] + steps[:, :1] * t[None]
+    jj = centre[1] + steps[:, 1:] * t[None]
+    vals = ndimage.map_coordinates(img, [jj.ravel(), ii.ravel()], order=1, cval=-1000.0).reshape(ii.shape)
+    wall = vals > TRACK_WALL_HU
+    hit = wall.any(axis=1)
+    return np.where(hit, t[np.argmax(wall, axis=1)], np.nan), vals
+
+
+def canal_contour(img: np.ndarray, prior_ij: np.ndarray, angles: np.ndarray, steps: np.ndarray) -> _Contour:
+    """The canal as a star-shaped dark region around ``prior_ij`` on one (smoothed) slice.
+
+    Rays cast from the centre stop at the first pixel denser than canal contents; escaped rays (the
+    intervertebral foramina) take the radius interpolated from their neighbours; the centre moves to the
+    polygon's centroid, ``TRACK_ITERATIONS`` times. The contour passes when most rays are closed, the front
+    (vertebral body or disc) and the back (laminae, ligamentum flavum) are closed within their distances, its
+    area is a canal's and its inside is dark.
+    """
+    c = np.asarray(prior_ij, dtype=float)
+    fail = _Contour(c, 0.0, False)
+    area = 0.0
+    for _ in range(TRACK_ITERATIONS):
+        r, vals = _contour_radii(img, c, steps)
+        closed = ~np.isnan(r)
+        if closed.mean() < TRACK_MIN_CLOSED:
+            return fail
+        idx = np.arange(TRACK_RAYS)
+        rr = r.copy()
+        rr[~closed] = np.interp(idx[~closed], np.r_[idx[closed] - TRACK_RAYS, idx[closed], idx[closed] + TRACK_RAYS],
+                                np.r_[r[closed], r[closed], r[closed]])
+        x, y = rr * np.cos(angles), rr * np.sin(angles)
+        x2, y2 = np.roll(x, -1), np.roll(y, -1)
+        cross = x * y2 - x2 * y
+        area = 0.5 * float(cross.sum())
+        if area <= 0:
+            return fail
+        cx, cy = ((x + x2) * cross).sum() / (6 * area), ((y + y2) * cross).sum() / (6 * area)
+        # mm offsets in LPS x–y → index steps: the steps matrix maps unit directions; solve with angles 0 and π/2
+        c = c + cx * steps[0] + cy * steps[TRACK_RAYS // 4]
+    r, vals = _contour_radii(img, c, steps)
+    closed = ~np.isnan(r)
+    sector = np.deg2rad(TRACK_SECTOR_DEG)
+    diff = np.angle(np.exp(1j * (angles[:, None] - np.array([1.5 * np.pi, 0.5 * np.pi])[None])))
+    front, back = np.abs(diff[:, 0]) <= sector, np.abs(diff[:, 1]) <= sector
+    t = np.arange(TRACK_STEP_MM, TRACK_MAX_RADIUS_MM + 1e-6, TRACK_STEP_MM)
+    inside = np.concatenate([vals[m, : max(1, int(np.searchsorted(t, 0.7 * r[m])))] for m in np.flatnonzero(closed)])
+    ok = (
+        closed.mean() >= TRACK_MIN_CLOSED
+        and bool(closed[front].all()) and float(np.nanmax(r[front])) <= TRACK_ANTERIOR_MM
+        and bool(closed[back].any()) and float(np.nanmin(r[back])) <= TRACK_POSTERIOR_MM
+        and TRACK_AREA_MM2[0] <= area <= TRACK_AREA_MM2[1]
+        and float(inside.mean()) <= TRACK_MAX_MEAN_HU
+    )
+    return _Contour(c, area, bool(ok))
+
+
+def track_canal(volume: CTVolume, ks: np.ndarray, ij: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The canal on the slices where bone does not close it, guided by the bone-closed tube.
+
+    Between the tube's slices the prediction is the linear interpolation of its centres; beyond its ends the canal
+    is followed slice by slice (the prediction continues the last 30 mm's trend) until ``TRACK_BEYOND_MM`` pass
+    without a centre. A contour counts only when :func:`canal_contour` accepts it within ``TRACK_MAX_SHIFT_MM`` of
+    the prediction.
+
+    Args:
+        volume: the CT (axial LPS).
+        ks: ``(n,)`` sorted slice indices of the bone-closed centres; ij: ``(n, 2)`` their (i, j).
+
+    Returns:
+        ``(k, ij, area_mm2)`` of the tracked centres (slices of ``ks`` excluded), sorted by slice.
+    """
+    sx, sy, sz = volume.spacing
+    nz, ny, nx = volume.shape
+    angles, steps = _ray_directions(volume)
+    half = (int(np.ceil((TRACK_MAX_RADIUS_MM + 4.0) / sx)), int(np.ceil((TRACK_MAX_RADIUS_MM + 4.0) / sy)))
+    sigma = (TRACK_SMOOTH_MM / sy, TRACK_SMOOTH_MM / sx)
+    smooth = tuple(sg if sg >= 0.3 else 0.0 for sg in sigma)
+    mm_per_index = np.array([sx, sy])
+
+    def contour(k: int, prior: np.ndarray) -> _Contour | None:
+        i0, j0 = int(round(prior[0])) - half[0], int(round(prior[1])) - half[1]
+        if i0 < 0 or j0 < 0 or i0 + 2 * half[0] + 1 > nx or j0 + 2 * half[1] + 1 > ny:
+            return None
+        crop = volume.hu[k, j0 : j0 + 2 * half[1] + 1, i0 : i0 + 2 * half[0] + 1].astype(np.float32)
+        if any(smooth):
+            crop = ndimage.gaussian_filter(crop, smooth)
+        got = canal_contour(crop, prior - np.array([i0, j0]), angles, steps)
+        got.ij = got.ij + np.array([i0, j0])
+        shift = float(np.hypot(*((got.ij - prior) * mm_per_index)))
+        return got if got.ok and shift <= TRACK_MAX_SHIFT_MM else None
+
+    found: dict[int, tuple[np.ndarray, float]] = {}
+    strict = set(int(k) for k in ks)
+    for k in range(int(ks.min()) + 1, int(ks.max())):
+        if k in strict:
+            continue
+        prior = np.array([np.interp(k, ks, ij[:, 0]), np.interp(k, ks, ij[:, 1])])
+        got = contour(k, prior)
+        if got is not None:
+            found[k] = (got.ij, got.area_mm2)
+    lateral = np.array([1.0, 0.0]) / np.array([sx, sy])  # the index step along LPS x per mm (axial LPS volume)
+    for direction in (-1, 1):
+        track_k = list(ks.astype(int))
+        track_ij = list(ij)
+        end = int(ks.max() if direction > 0 else ks.min())
+        # sideways the canal moves little (scoliosis ≤ 0.2 mm per mm of z): beyond the tube's end its sideways
+        # position follows the tube's own trend, not the tracked centres, so the tracking cannot drift sideways
+        tube = np.abs(ks - end) * sz <= 30.0
+        x_trend = np.polyfit(ks[tube], ij[tube, 0], 1) if tube.sum() >= 2 else np.array([0.0, ij[ks == end][0, 0]])
+        x_trend[0] = np.clip(x_trend[0], -LINK_SLOPE_X * sz / sx, LINK_SLOPE_X * sz / sx)
+        k = end
+        missed = 0.0
+        while 0 <= k + direction < nz and missed < TRACK_BEYOND_MM:
+            k += direction
+            near = [m for m, kk in enumerate(track_k) if abs(kk - k) * sz <= 30.0]
+            if len(near) >= 2:
+                kk = np.array([track_k[m] for m in near], float)
+                pts = np.array([track_ij[m] for m in near])
+                coef = np.polyfit(kk, pts, 1)
+                prior = coef[0] * k + coef[1]
+            else:
+                prior = np.array(track_ij[int(np.argmin([abs(kk - k) for kk in track_k]))], float)
+            prior = np.array([np.polyval(x_trend, k), prior[1]])
+            got = contour(k, prior)
+            beyond = abs(k - end) * sz
+            if got is not None and abs(got.ij[0] - prior[0]) / lateral[0] > TRACK_SIDEWAYS_MM + 0.1 * beyond:
+                got = None
+            if got is None:
+                missed += sz
+                continue
+            missed = 0.0
+            found[k] = (got.ij, got.area_mm2)
+            track_k.append(k)
+            track_ij.append(got.ij)
+    if not found:
+        return np.zeros(0, int), np.zeros((0, 2)), np.zeros(0)
+    order = sorted(found)
+    return (np.array(order, int), np.array([found[k][0] for k in order]), np.array([found[k][1] for k in order]))
+
+
+def smooth_centre_line(ks: np.ndarray, xy_mm: np.ndarray, spacing_z_mm: float) -> np.ndarray:
+    """Keep the centres within ``OUTLIER_FINAL_MM`` (in-plane) of the median of their neighbours within
+    ±``SMOOTH_WINDOW_MM`` (twice that at the ends of the line, where fewer than 4 neighbours lie so close):
+    bool ``(n,)``."""
+    keep = np.ones(len(ks), bool)
+    for m in range(len(ks)):
+        for half in (SMOOTH_WINDOW_MM, 2.0 * SMOOTH_WINDOW_MM):
+            near = np.abs(ks - ks[m]) * spacing_z_mm <= half
+            if near.sum() >= 5:
+                break
+        if near.sum() >= 3:
+            keep[m] = np.hypot(*(xy_mm[m] - np.median(xy_mm[near], axis=0))) <= OUTLIER_FINAL_MM
+    return keep
+
+
+def _no_canal(extent_mm: float, n_slices: int) -> None:
+    raise LumbarBMDError(
+        "no spinal canal found: is this a CT of the abdomen or lumbar spine? "
+        f"(a canal was traced over {extent_mm:.0f} mm in {n_slices} slices; at least "
+        f"{MIN_CHAIN_MM:.0f} mm and {MIN_FOUND_SLICES} slices are needed)"
+    )
+
+
 def find_canal(volume: CTVolume) -> CanalResult:
-    """Detect the canal centre on every axial slice where the vertebral foramen is enclosed by bone.
+    """Detect the canal centre on the axial slices: where bone encloses the vertebral foramen (the paper's rule),
+    then, guided by that tube, where the dark canal is closed by the body or disc and the laminae
+    (:func:`track_canal`).
 
     Args:
         volume: CT in HU, axial LPS (as returned by :func:`LumbarBMDLib.volume.read_ct`).
@@ -351,16 +600,23 @@ def find_canal(volume: CTVolume) -> CanalResult:
     if len(chain):
         chain = drop_outliers(consistent_segments(chain, cands, sz), cands, sz)
     extent = float(np.ptp(cands.k[chain]) * sz) if len(chain) else 0.0
-    if len(chain) < MIN_FOUND_SLICES or extent < MIN_CHAIN_MM:
-        raise LumbarBMDError(
-            "no spinal canal found: is this a CT of the abdomen or lumbar spine? "
-            f"(a bone-enclosed canal was traced over {extent:.0f} mm in {len(chain)} slices; at least "
-            f"{MIN_CHAIN_MM:.0f} mm and {MIN_FOUND_SLICES} slices are needed)"
-        )
+    if len(chain) < MIN_SEED_SLICES or extent < MIN_SEED_MM:
+        _no_canal(extent, len(chain))
     ks = cands.k[chain]
     ij = np.array([refine_centre(volume.hu, cands, m, pool) for m in chain])
-    ijk = np.c_[ij, ks.astype(float)]
     areas = cands.area[chain]
+    tk, tij, tarea = track_canal(volume, ks, ij)
+    ks, ij = np.r_[ks, tk], np.r_[ij, tij]
+    areas = np.r_[areas, tarea]
+    enclosed = np.r_[np.ones(len(chain), bool), np.zeros(len(tk), bool)]
+    order = np.argsort(ks, kind="stable")
+    ks, ij, areas, enclosed = ks[order], ij[order], areas[order], enclosed[order]
+    keep = smooth_centre_line(ks, ij * np.array([sx, sy]), sz)
+    ks, ij, areas, enclosed = ks[keep], ij[keep], areas[keep], enclosed[keep]
+    extent = float(np.ptp(ks) * sz) if len(ks) else 0.0
+    if len(ks) < MIN_FOUND_SLICES or extent < MIN_CHAIN_MM:
+        _no_canal(extent, len(ks))
+    ijk = np.c_[ij, ks.astype(float)]
     centres = volume.index_to_lps(ijk)
     all_k = np.arange(ks.min(), ks.max() + 1)
     interp_ijk = np.c_[np.interp(all_k, ks, ijk[:, 0]), np.interp(all_k, ks, ijk[:, 1]), all_k.astype(float)]
@@ -372,4 +628,5 @@ def find_canal(volume: CTVolume) -> CanalResult:
         interpolated_centres_lps=volume.index_to_lps(interp_ijk),
         interpolated_slice_indices=all_k,
         drift_mm=float(np.ptp(centres[:, 0])),
+        enclosed=enclosed,
     )

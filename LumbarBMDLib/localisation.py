@@ -139,39 +139,3 @@ def locate_in_ct(locations: list[LevelLocation], volume: CTVolume) -> list[Level
 def locate_vertebrae(labels: np.ndarray, geometry: SagittalGeometry, volume: CTVolume) -> list[LevelLocation]:
     """Label image → per-level centre, axial slice and row in ``volume`` (``level_centres`` + ``locate_in_ct``)."""
     return locate_in_ct(level_centres(labels, geometry), volume)
-
-
-#: Distance (in level pitches) from a level's centre to the anchor that fixes the numbering: the top of S1 lies
-#: about 1.5 pitches below L4's centre (L5 at 1), T12's centre 1 pitch above L1's.
-SACRUM_BELOW_L4 = 1.5
-T12_ABOVE_L1 = 1.0
-DEFAULT_PITCH_MM = 36.0  # a lumbar body (≈ 27 mm) plus its disc (≈ 9 mm)
-REASON_UNANCHORED = ("not found: the level numbering has no anchor (the scan shows neither the sacrum nor T12), "
-                     "so the vertebrae cannot be told apart; label them by hand")
-
-
-def numbering_anchor(locations: list[LevelLocation], z_range_mm: tuple[float, float]) -> str | None:
-    """Which anatomical anchor fixes the level numbering: "sacrum", "T12", or None when neither is in the scan.
-
-    A sagittal network numbers vertebrae by their position relative to the sacrum or the thoracolumbar junction;
-    on a scan that shows neither (a short scan around L1–L3), every numbering is a guess. From the found levels'
-    centres (z, mm) and their pitch, the expected z of S1's top and of T12's centre are compared with the
-    scan's z range ``(z_min, z_max)``.
-    """
-    found = [(int(loc.level[1]), float(loc.centre_lps[2])) for loc in locations if loc.found]
-    if not found:
-        return None
-    if len(found) >= 2:
-        (k0, z0), (k1, z1) = found[0], found[-1]
-        pitch = abs(z1 - z0) / max(k1 - k0, 1)
-    else:
-        pitch = DEFAULT_PITCH_MM
-    k_low, z_low = found[-1]  # rows run down: the last found level is the lowest
-    k_high, z_high = found[0]
-    s1_top = z_low - ((4 - k_low) + SACRUM_BELOW_L4) * pitch
-    t12 = z_high + ((k_high - 1) + T12_ABOVE_L1) * pitch
-    if z_range_mm[0] <= s1_top:
-        return "sacrum"
-    if z_range_mm[1] >= t12:
-        return "T12"
-    return None

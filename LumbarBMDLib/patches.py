@@ -29,6 +29,8 @@ What this module does, stage by stage:
    (i.e. ÷ 255). A per-patch min–max would erase the absolute density the regression needs.
 5. **Metal**: a level with metal (> ``METAL_HU``) within ``METAL_SEARCH_MM`` of its centre gets no patch
    (ISCD: instrumented vertebrae are excluded; streaks also corrupt the HU around them).
+6. **Damaged slices** (:func:`~LumbarBMDLib.volume.repair_damaged_slices`): a level whose patch would use a
+   repaired slice gets no patch (its HU are interpolated, not measured).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ METAL_HALF_HEIGHT_MM = 18.0  # and its half-height (a lumbar body is 25–30 mm 
 REASON_NO_WINDOW = "no patch: no cortex-free 16 × 16 mm window fits in the vertebral body"
 REASON_METAL = "no patch: metal (implant) in or next to the vertebral body"
 REASON_OUTSIDE = "no patch: the neighbouring slices of the centre lie outside the CT"
+REASON_DAMAGED = "no patch: a damaged slice of the CT (replaced by its neighbours' mean) passes through the patch"
 
 
 @dataclass
@@ -208,6 +211,9 @@ def trabecular_patch(volume: CTVolume, location: LevelLocation,
     dz = CHANNEL_STEP_MM / abs(volume.affine[2, 2]) if abs(volume.affine[2, 2]) > 0 else 1.0
     if kz - dz < -0.5 or kz + dz > volume.hu.shape[0] - 0.5:
         return TrabecularPatch(location.level, False, REASON_OUTSIDE)
+    reach = CHANNEL_STEP_MM + abs(volume.affine[2, 2])  # the outer channels, interpolated from the next slices
+    if any(abs(z - centre[2]) < reach for z in volume.metadata.get("damaged_slices_z_mm", [])):
+        return TrabecularPatch(location.level, False, REASON_DAMAGED)
     planes, lps = sample_axial_planes(volume, centre, half_rows, half_cols)
     slope, intercept = hu_transform
     planes = planes * np.float32(slope) + np.float32(intercept)

@@ -17,19 +17,14 @@ import numpy as np
 from LumbarBMDLib import __version__
 from LumbarBMDLib.annotation import Annotation, prepare
 from LumbarBMDLib.calibration import ScannerCalibration
-from LumbarBMDLib.localisation import (
-    REASON_UNANCHORED,
-    LevelLocation,
-    level_centres,
-    locate_in_ct,
-    locate_vertebrae,
-    numbering_anchor,
-)
+from LumbarBMDLib.localisation import LevelLocation, level_centres, locate_in_ct
 from LumbarBMDLib.patches import TrabecularPatch, trabecular_patches
 from LumbarBMDLib.regression import LevelBMD, RegressionModel, patient_bmd, predict_bmd
 from LumbarBMDLib.sagittal import SagittalGeometry
 from LumbarBMDLib.segmentation import SegmentationModel, segment
 from LumbarBMDLib.segmentation_post import SegmentationResult
+from LumbarBMDLib.spine.labelling import AnatomicalSegmentation, anatomical_labels, edited_levels
+from LumbarBMDLib.spine.numbering import QCFlag
 from LumbarBMDLib.volume import CTVolume
 
 
@@ -47,8 +42,10 @@ class CaseResult:
         hu_transform: the (a, b) applied to the HU before the patches (scanner calibration; identity if none).
         calibration: the scanner calibration used, if any.
         timings_s: seconds per stage.
-        numbering_anchor: what fixes the level numbering: "sacrum" or "T12" in view, None when neither is
-            (then no level is measured), "edited labels" when a person drew the labels.
+        numbering_anchor: what fixes the level numbering: "T12", "sacrum" or "T12 and sacrum" seen on the CT, None
+            when neither is (then no level is measured), "edited labels" when a person drew the labels.
+        anatomical: the network's segmentation renumbered by the chain (None when labels were given).
+        qc_flags: quality-control flags of the case (transitional anatomy, uncertain identification, …).
     """
 
     annotation: Annotation
@@ -64,6 +61,13 @@ class CaseResult:
     calibration: ScannerCalibration | None = None
     timings_s: dict = field(default_factory=dict)
     numbering_anchor: str | None = "edited labels"
+    anatomical: AnatomicalSegmentation | None = None
+    qc_flags: list[QCFlag] = field(default_factory=list)
+
+    @property
+    def spine(self):
+        """The vertebral-body chain and its numbering (:class:`~LumbarBMDLib.spine.SpineIdentification`)."""
+        return self.annotation.spine
 
     @property
     def status(self) -> str:
@@ -90,12 +94,6 @@ def regress_locations(annotation: Annotation, locations: list[LevelLocation], bm
     return patches, levels, {"patches": t_patch - t, "regress": time.perf_counter() - t_patch}
 
 
-def scan_z_range(volume: CTVolume) -> tuple[float, float]:
-    """LPS z (mm) of the first and last axial slice, lower first."""
-    corners = volume.index_to_lps(np.array([[0, 0, 0], [0, 0, volume.hu.shape[0] - 1]], dtype=float))
-    return float(corners[:, 2].min()), float(corners[:, 2].max())
-
-
 #: Progress reported by :func:`measure`: (fraction of the work done before the stage, what the stage does).
 #: The fractions are the stages' shares of the CPU time measured by ``benchmarks/bench_run.py``.
 MEASURE_STAGES = {
@@ -117,9 +115,11 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
             calibration: ScannerCalibration | None = None, progress: ProgressCallback | None = None) -> CaseResult:
     """Run the whole method on one axial LPS CT (raises LumbarBMDError when no canal is found).
 
-    When the scan shows neither the sacrum nor T12 (:func:`~LumbarBMDLib.localisation.numbering_anchor`), the
-    network's numbering is a guess: no level is measured and each says why. ``progress`` is called before each
-    stage of :data:`MEASURE_STAGES` (a GUI shows it and cancels by raising from it).
+    The levels are identified on the CT (:func:`~LumbarBMDLib.spine.identify_spine`): when they cannot be numbered
+    (no anchor in view, no lumbar vertebra in view, an anatomy that contradicts itself) no level is measured and each
+    says why. The network's segments are renumbered by the chain body they lie on
+    (:func:`~LumbarBMDLib.spine.labelling.anatomical_labels`). ``progress`` is called before each stage of
+    :data:`MEASURE_STAGES` (a GUI shows it and cancels by raising from it).
     """
     t0 = time.perf_counter()
     _report(progress, "canal")
@@ -129,39 +129,91 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
     seg = segment(seg_model, annotation.images, annotation.canal.mean_centre_lps)
     t2 = time.perf_counter()
     _report(progress, "regress")
-    labels, centres = seg.labels, level_centres(seg.labels, seg.geometry)
-    anchor = numbering_anchor(centres, scan_z_range(volume))
-    if anchor is None:  # a guessed numbering would attach BMDs to the wrong vertebrae
-        labels = np.zeros_like(labels)
-        centres = [LevelLocation(c.level, False, REASON_UNANCHORED, c.centre_lps, c.area_mm2) for c in centres]
-    locations = locate_in_ct(centres, volume)
+    anatomical = anatomical_labels(seg.probabilities, seg.geometry, annotation.spine, annotation.images.annotation_hu)
+    locations = _locations(anatomical, annotation, annotation.volume)
     transform = hu_transform_for(bmd_model, calibration)
     patches, levels, times = regress_locations(annotation, locations, bmd_model, transform)
     mean, category = patient_bmd(levels)
-    timings = {"canal": t1 - t0, "segment": t2 - t1, **times, "total": time.perf_counter() - t0}
-    return CaseResult(annotation, seg, labels, seg.geometry, locations, patches, levels, mean, category,
-                      transform, calibration, timings, anchor)
+    timings = {"canal": annotation.timings_s["canal"], "spine": annotation.timings_s["spine"],
+               "sagittal": annotation.timings_s["sagittal"], "segment": t2 - t1, **times,
+               "total": time.perf_counter() - t0}
+    return CaseResult(annotation, seg, anatomical.labels, anatomical.geometry, locations, patches, levels, mean,
+                      category, transform, calibration, timings, annotation.spine.anchor, anatomical,
+                      case_flags(annotation.spine, anatomical))
+
+
+def _locations(anatomical: AnatomicalSegmentation, annotation: Annotation, volume: CTVolume) -> list[LevelLocation]:
+    """Per level, the centre of its anatomical segment in the CT; a level that is missing, or identified but only
+    partly in view, is not measured and says why."""
+    centres = level_centres(anatomical.labels, anatomical.geometry)
+    ident = annotation.spine
+    out = []
+    for c, lv, idv in zip(centres, anatomical.levels, ident.levels, strict=True):
+        if not lv.found:
+            out.append(LevelLocation(c.level, False, lv.reason or c.reason, c.centre_lps, c.area_mm2))
+        elif not idv.measurable:
+            out.append(LevelLocation(c.level, False, idv.reason, c.centre_lps, c.area_mm2))
+        else:
+            out.append(c)
+    return locate_in_ct(out, volume)
+
+
+def case_flags(ident, anatomical: AnatomicalSegmentation | None) -> list[QCFlag]:
+    """The case's QC flags: the numbering's, plus classical outlines, corrected network numbering and dropped
+    segments."""
+    flags = list(ident.flags) if ident is not None else []
+    if anatomical is None:
+        return flags
+    for lv in anatomical.levels:
+        if lv.found and lv.source == "classical outline":
+            flags.append(QCFlag("classical_outline", f"{lv.level}: the network did not segment this vertebra; it was "
+                                "outlined from the anatomy (check the outline)"))
+        if lv.found and lv.network_level and lv.network_level != lv.level:
+            flags.append(QCFlag("network_renumbered", f"{lv.level}: the network had labelled this vertebra "
+                                f"{lv.network_level}; it is numbered by the anatomy"))
+    for sentence in anatomical.dropped:
+        flags.append(QCFlag("segment_dropped", sentence))
+    return flags
 
 
 def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: SagittalGeometry,
                         bmd_model: RegressionModel, calibration: ScannerCalibration | None = None) -> CaseResult:
-    """Re-run localisation, patches and regression on edited labels (the Slicer correction loop)."""
+    """Re-run localisation, patches and regression on edited labels (the Slicer correction loop).
+
+    The person's labels are measured as drawn; they are checked against the vertebral chain: two levels drawn on one
+    vertebra are not measured, and a level drawn on a vertebra that the anatomy numbers differently is flagged.
+    """
     transform = hu_transform_for(bmd_model, calibration)
-    locations = locate_vertebrae(labels, geometry, annotation.volume)
+    labels = np.asarray(labels, np.uint8)
+    centres = level_centres(labels, geometry)
+    checked, flags = edited_levels(labels, geometry, annotation.spine, centres)
+    locations = locate_in_ct(checked, annotation.volume)
     patches, levels, times = regress_locations(annotation, locations, bmd_model, transform)
     mean, category = patient_bmd(levels)
-    return CaseResult(annotation, None, np.asarray(labels, np.uint8), geometry, locations, patches, levels, mean,
-                      category, transform, calibration, times)
+    return CaseResult(annotation, None, labels, geometry, locations, patches, levels, mean,
+                      category, transform, calibration, times, qc_flags=flags)
 
 
-def failure_message(levels: list[LevelBMD]) -> str:
-    """Why no level was measured, each distinct reason once."""
+def failure_message(levels: list[LevelBMD], refusal: str | None = None) -> str:
+    """Why no level was measured: the numbering's refusal when there is one, else each distinct reason once."""
+    if refusal:
+        return refusal
     reasons: dict[str, list[str]] = {}
     for lv in levels:
         reasons.setdefault(lv.reason, []).append(lv.level)
     if len(reasons) == 1:
         return "no level could be measured: " + next(iter(reasons)).removeprefix("not found: ")
     return "no level could be measured: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in reasons.items())
+
+
+def _identification(result: CaseResult, level: str, seg) -> dict:
+    """How a level was identified: by anatomy (anchor, count, confidence) and where its outline came from."""
+    if result.segmentation is None:  # a person's labels
+        return {"anchor": "edited labels", "count": None, "confidence": None, "source": "edited labels"}
+    out = result.spine.level(level).as_json() if result.spine is not None else {}
+    out["source"] = seg.source if seg is not None and seg.found else None
+    out["network_level"] = seg.network_level if seg is not None and seg.found else None
+    return out
 
 
 def _r(v, nd=3):
@@ -171,32 +223,40 @@ def _r(v, nd=3):
 def results_json(result: CaseResult, source: str, seg_model: SegmentationModel | None,
                  bmd_model: RegressionModel, timings: dict | None = None) -> dict:
     """The ``results.json`` object (DESIGN.md contract) of a measured case."""
-    seg_levels = {s.level: s for s in result.segmentation.levels} if result.segmentation else {}
+    anat = {a.level: a for a in result.anatomical.levels} if result.anatomical else {}
+    ident = result.spine
     vertebrae = []
     for loc, patch, lv in zip(result.locations, result.patches, result.levels, strict=True):
-        seg = seg_levels.get(lv.level)
+        seg = anat.get(lv.level)
         entry = {"level": lv.level, "found": bool(lv.found),
                  "bmd_mg_cm3": round(lv.bmd_mg_cm3, 1) if lv.found else None,
                  "category": lv.category or None,
                  "centre_lps": _r(loc.centre_lps),
-                 "confidence": round(float(seg.confidence), 3) if seg is not None and seg.found else None,
+                 "confidence": round(float(seg.confidence), 3) if seg is not None and seg.found and seg.confidence
+                 else None,
                  "patch_centre_lps": _r(patch.centre_lps) if patch.found else None,
-                 "patch_mean_hu": round(patch.mean_hu, 1) if patch.found else None}
+                 "patch_mean_hu": round(patch.mean_hu, 1) if patch.found else None,
+                 "identification": _identification(result, lv.level, seg)}
         if not lv.found:
             entry["reason"] = lv.reason
         vertebrae.append(entry)
     canal = result.annotation.canal
     status = result.status
+    refusal = ident.refusal if ident is not None and result.segmentation is not None else None
     return {
         "input": source,
         "status": status,
-        "error": None if status != "failed" else failure_message(result.levels),
+        "error": None if status != "failed" else failure_message(result.levels, refusal),
         "vertebrae": vertebrae,
         "mean_bmd_mg_cm3": round(result.mean_bmd_mg_cm3, 1) if np.isfinite(result.mean_bmd_mg_cm3) else None,
         "category": result.category or None,
         "level_numbering_anchor": result.numbering_anchor,
-        "canal": {"mean_centre_lps": _r(canal.mean_centre_lps), "sagittal_x_lps": round(canal.sagittal_x_lps, 3),
-                  "slices_found": len(canal.slice_indices)},
+        "qc_flags": [f.as_json() for f in result.qc_flags],
+        "spine": ident.as_json() if ident is not None else None,
+        "canal": {"mean_centre_lps": _r(canal.mean_centre_lps),
+                  "sagittal_x_lps": round(result.label_geometry.sagittal_x_lps, 3),
+                  "slices_found": len(canal.slice_indices),
+                  "slices_enclosed_by_bone": int(np.sum(canal.enclosed))},
         "calibration": None if result.calibration is None else {
             "slope": result.calibration.slope, "intercept": result.calibration.intercept,
             "hu_transform": [round(v, 5) for v in result.hu_transform]},

@@ -424,6 +424,84 @@ def _to_ct_volume(img: sitk.Image, path: Path | str, meta: dict) -> CTVolume:
     )
 
 
+#: Volumes whose index axes are more oblique than this are resampled onto an axial LPS grid before the analysis
+#: (:func:`axial_grid`): slice-wise steps (canal rings, axial planes through the sacrum) assume axial slices.
+OBLIQUE_RESAMPLE_DEG = 3.0
+
+
+def axial_grid(volume: CTVolume) -> CTVolume:
+    """The volume on an axial LPS grid when its index axes are oblique by more than ``OBLIQUE_RESAMPLE_DEG``.
+
+    The new grid has the identity direction, covers the oblique volume's bounding box, keeps the in-plane pixel size
+    and the slice spacing, and is filled by linear interpolation (−1024 HU, air, outside the scan). Every LPS point
+    keeps its HU, so every result (an LPS point) is valid in the input's own space. A volume that is axial already is
+    returned as it is.
+    """
+    if _obliquity_deg(tuple(volume.direction.flatten())) <= OBLIQUE_RESAMPLE_DEG:
+        return volume
+    nz, ny, nx = volume.shape
+    corners = volume.index_to_lps(np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)],
+                                           dtype=float))
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    pixel = float(min(volume.spacing[0], volume.spacing[1]))
+    spacing = (pixel, pixel, float(volume.spacing[2]))
+    size = [int(np.ceil((h - low) / s)) + 1 for h, low, s in zip(hi, lo, spacing, strict=True)]
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetOrigin(tuple(float(v) for v in lo))
+    out = sitk.Resample(volume.to_sitk(np.float32), ref, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    meta = dict(volume.metadata, resampled_axial=True)
+    return CTVolume.from_sitk(out, source=volume.source, metadata=meta)
+
+
+#: A slice whose median absolute difference from the mean of its two neighbours (inside the patient) exceeds this,
+#: and ``DAMAGED_SLICE_RATIO`` × the volume's typical difference, is damaged (a dropped slice of air, a slice of
+#: noise): anatomy changes far less from one slice to the next (typically 10–80 HU at 0.6–5 mm slices).
+DAMAGED_SLICE_HU = 250.0
+DAMAGED_SLICE_RATIO = 6.0
+
+
+def damaged_slices(volume: CTVolume) -> np.ndarray:
+    """Indices ``k`` of axial slices that do not continue their neighbours (see ``DAMAGED_SLICE_HU``)."""
+    hu = volume.hu
+    nz, ny, nx = hu.shape
+    if nz < 3:
+        return np.zeros(0, int)
+    sub = hu[:, ny // 4 : 3 * ny // 4 : 2, nx // 4 : 3 * nx // 4 : 2].astype(np.float32)  # the patient's middle
+    diff = np.empty(nz, np.float32)
+    diff[1:-1] = np.median(np.abs(sub[1:-1] - 0.5 * (sub[:-2] + sub[2:])).reshape(nz - 2, -1), axis=1)
+    diff[0] = np.median(np.abs(sub[0] - sub[1]))
+    diff[-1] = np.median(np.abs(sub[-1] - sub[-2]))
+    typical = float(np.median(diff))
+    bad = (diff > DAMAGED_SLICE_HU) & (diff > DAMAGED_SLICE_RATIO * max(typical, 1.0))
+    # a good slice between two damaged ones also differs from the mean of its neighbours: keep only local maxima
+    k = np.flatnonzero(bad)
+    return np.array([i for i in k if diff[i] >= diff[max(i - 1, 0)] and diff[i] >= diff[min(i + 1, nz - 1)]], int)
+
+
+def repair_damaged_slices(volume: CTVolume) -> CTVolume:
+    """The volume with its damaged slices (:func:`damaged_slices`) replaced by the mean of the nearest good slices
+    above and below, so that they do not mislead the analysis; ``metadata["damaged_slices_z_mm"]`` lists their LPS z
+    (a measurement touching one is refused downstream) and a warning says so. Unchanged when none is damaged."""
+    bad = damaged_slices(volume)
+    if len(bad) == 0 or len(bad) > volume.shape[0] // 4:
+        return volume
+    hu = volume.hu.copy()
+    good = np.setdiff1d(np.arange(volume.shape[0]), bad)
+    for k in bad:
+        below, above = good[good < k], good[good > k]
+        sources = [hu[below[-1]]] if len(below) else []
+        sources += [hu[above[0]]] if len(above) else []
+        hu[k] = np.mean(sources, axis=0).astype(hu.dtype)
+    z = volume.index_to_lps(np.c_[np.zeros(len(bad)), np.zeros(len(bad)), bad.astype(float)])[:, 2]
+    meta = dict(volume.metadata)
+    meta["damaged_slices_z_mm"] = [round(float(v), 2) for v in z]
+    meta["warnings"] = [*meta.get("warnings", []), f"{len(bad)} damaged slice(s) (at z = "
+                        f"{', '.join(f'{v:.1f}' for v in z)} mm) were replaced by their neighbours' mean"]
+    log.warning(meta["warnings"][-1])
+    return replace(volume, hu=hu, metadata=meta)
+
+
 def _orientation_code(direction: tuple[float, ...]) -> str:
     """ITK/DICOM three-letter code of the closest axes, e.g. ``"LPS"`` (identity) or ``"RAS"``."""
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)

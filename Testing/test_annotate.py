@@ -11,8 +11,7 @@ import pytest
 import SimpleITK as sitk
 from test_volume_io import write_dicom_series
 
-from LumbarBMDLib.annotation import ANNOTATION_FILES, prepare
-from LumbarBMDLib.canal import find_canal
+from LumbarBMDLib.annotation import ANNOTATION_FILES, prepare, sagittal_plane
 from LumbarBMDLib.phantom import write_case
 from LumbarBMDLib.sagittal import (
     ANNOTATION_SLICES,
@@ -57,8 +56,13 @@ def test_candidates_and_annotation_image(prepared):
     assert np.all(x[:, 0, :, :5] == 0.0) or np.all(x[:, 0, :5, :] == 0.0)  # outside the scan: zero padding
     # the 10 candidates contain the canal's sagittal position: it lies between their first and last plane
     xs = images.candidate_geometry.pixel_to_lps(np.array([[0, 0, 0], [0, 0, CANDIDATE_SLICES - 1]], float))[:, 0]
-    assert min(xs) <= canal.sagittal_x_lps <= max(xs)
-    assert images.annotation_geometry.origin_lps[0] == pytest.approx(canal.sagittal_x_lps)
+    plane_x, _ = sagittal_plane(prepared.volume, canal, prepared.spine)
+    assert min(xs) <= plane_x <= max(xs)
+    assert images.annotation_geometry.origin_lps[0] == pytest.approx(plane_x)
+    # the plane is the canal's median x over the identified L1–L4
+    lo, hi = prepared.spine.lumbar_z_range()
+    lumbar = canal.centres_lps[(canal.centres_lps[:, 2] >= lo) & (canal.centres_lps[:, 2] <= hi)]
+    assert plane_x == pytest.approx(float(np.median(lumbar[:, 0])))
     # the annotation image is the mean of the 20-slice slab, which contains the 10 candidates
     assert images.candidate_geometry.n_slices == CANDIDATE_SLICES and ANNOTATION_SLICES == 20
     # the canal (dark) lies between the bodies and the spinous processes on the image: its centres project
@@ -83,7 +87,16 @@ def test_image_centre_policy(prepared):
     y, z = sagittal_centre_yz(vol, canal.centres_lps)
     assert y == pytest.approx(canal.centres_lps[:, 1].mean() - 60.0)
     centre = prepared.images.annotation_geometry.pixel_to_lps([255.5, 255.5, 0])
-    assert centre[1] == pytest.approx(y) and centre[2] == pytest.approx(z)
+    # with L1–L4 identified the image is centred on them, as far as the scan (shorter than the image) allows
+    lo, hi = prepared.spine.lumbar_z_range()
+    z_scan = vol.index_to_lps(np.array([[0, 0, 0], [0, 0, vol.shape[0] - 1]], float))[:, 2]
+    half = 256 * 0.8
+    expected = np.clip(0.5 * (lo + hi), z_scan.max() - half, z_scan.min() + half)
+    assert centre[1] == pytest.approx(y) and centre[2] == pytest.approx(expected)
+    assert z_scan.max() - half - 1e-6 <= centre[2] <= z_scan.min() + half + 1e-6  # the whole scan stays in view
+    # without a numbering the policy's own centre is used
+    assert sagittal_plane(vol, canal, None) == (pytest.approx(canal.sagittal_x_lps), (pytest.approx(y),
+                                                                                        pytest.approx(z)))
     # a long scan (chest–abdomen–pelvis) is centred 190 mm above the lowest canal centre
     long = CTVolume(hu=np.zeros((200, 8, 8), np.int16), spacing=(1, 1, 3.0), origin=(0, 0, -300.0))
     pts = np.array([[0.0, 0.0, -250.0], [0.0, 0.0, 100.0]])
@@ -147,8 +160,9 @@ def test_annotate_command_on_a_dicom_folder(small_case_module, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Abdomen 2.5" in out.stdout  # which series was used is said
     canal = json.loads((tmp_path / "out" / "canal.json").read_text(encoding="utf-8"))
-    expected = find_canal(ct)
+    expected = prepare(ct).images.annotation_geometry
     assert canal["sagittal_x_lps"] == pytest.approx(expected.sagittal_x_lps, abs=1e-3)
+    assert [b["name"] for b in canal["spine"]["chain"]][:3] == ["T11", "T12", "L1"]  # annotators see the levels
 
 
 def test_annotate_without_spine_fails_cleanly(tmp_path):

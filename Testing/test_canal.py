@@ -13,14 +13,15 @@ from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.volume import CTVolume, read_ct, reorient_to_lps, write_volume
 
 
-def errors_against_truth(case, result) -> np.ndarray:
-    """In-plane distance (mm) of each found centre to the phantom's canal truth on the same slice."""
+def errors_against_truth(case, result, enclosed: bool | None = None) -> np.ndarray:
+    """In-plane distance (mm) of each found centre to the phantom's canal truth on the same slice (only the
+    bone-enclosed or only the tracked centres when ``enclosed`` is given)."""
     truth = dict(zip(case.truth["canal"]["slice_indices"], case.truth["canal"]["centres_lps"], strict=True))
     return np.array(
         [
             np.hypot(*(np.asarray(p[:2]) - truth[k][:2]))
-            for k, p in zip(result.slice_indices, result.centres_lps, strict=True)
-            if k in truth
+            for k, p, e in zip(result.slice_indices, result.centres_lps, result.enclosed, strict=True)
+            if k in truth and (enclosed is None or e == enclosed)
         ]
     )
 
@@ -29,15 +30,21 @@ def test_full_size_phantom_within_2_mm(full_normal_case):
     result = find_canal(full_normal_case.ct)
     err = errors_against_truth(full_normal_case, result)
     assert len(err) == len(result.slice_indices)  # every found slice is a slice where the canal exists
-    assert np.mean(err <= 2.0) >= 0.99, np.sort(err)[-5:]
-    assert np.median(err) < 1.0
+    ring, tracked = errors_against_truth(full_normal_case, result, True), errors_against_truth(full_normal_case,
+                                                                                              result, False)
+    # where bone closes the ring (the paper's rule), the centre is within 2 mm of the truth
+    assert np.mean(ring <= 2.0) >= 0.99, np.sort(ring)[-5:]
+    assert np.median(ring) < 1.0
+    # where it does not (discs), the tracked dark contour's centre stays well inside the canal (16–19 mm deep)
+    assert np.mean(tracked <= 4.0) >= 0.98 and np.median(tracked) < 2.0, np.sort(tracked)[-5:]
     n_truth = len(full_normal_case.truth["canal"]["slice_indices"])
-    assert len(err) >= 0.3 * n_truth  # the ring is closed at the pedicle levels (~40 % of slices)
+    assert len(ring) >= 0.3 * n_truth  # the ring is closed at the pedicle levels (~40 % of slices)
+    assert len(err) >= 0.6 * n_truth  # with the tracked slices, on most slices
     assert abs(result.sagittal_x_lps - full_normal_case.truth["canal"]["sagittal_x_lps"]) < 1.0
     # contract of canal.json
     js = result.as_json()
-    assert js["slices_found"] == len(js["centres_lps"]) == len(result.slice_indices)
-    assert js["sagittal_x_lps"] == pytest.approx(js["mean_centre_lps"][0])
+    assert js["slices_found"] == len(js["centres_lps"]) == len(result.slice_indices) == len(js["enclosed_by_bone"])
+    assert js["sagittal_x_lps"] == pytest.approx(float(np.median(np.array(js["centres_lps"])[:, 0])), abs=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -58,10 +65,11 @@ def test_small_phantoms_every_vendor_and_variant(seed, vendor, variant):
     case = generate_case(seed, vendor, "small", variant)
     result = find_canal(case.ct)
     err = errors_against_truth(case, result)
-    # small phantoms have 2 mm pixels and 2.5 mm slices: about 98 % of centres lie within 2 mm (benchmarks/
-    # eval_canal.py); full-size phantoms meet the 99 % target
-    assert np.median(err) < 1.2
-    assert np.mean(err <= 2.5) >= 0.9, np.sort(err)[-5:]
+    # small phantoms have 2 mm pixels and 2.5 mm slices: about 98 % of the bone-enclosed centres lie within 2 mm
+    # (benchmarks/bench_canal.py); the tracked ones (discs) within 4 mm
+    assert np.median(err) < 1.5
+    assert np.mean(err <= 4.0) >= 0.95, np.sort(err)[-5:]
+    assert np.mean(errors_against_truth(case, result, True) <= 2.5) >= 0.9
     assert len(err) >= 12
     assert abs(result.sagittal_x_lps - case.truth["canal"]["sagittal_x_lps"]) < 1.5
 
@@ -161,12 +169,14 @@ def test_oblique_anisotropic_and_off_centre_give_the_same_plane(full_normal_case
     }
     for name, img in variants.items():
         result = _detect_from_file(img, tmp_path, name)
-        # centres are LPS points: on the slices both found, they agree whatever the sampling of the volume
+        # centres are LPS points: on the slices both found, they agree whatever the sampling of the volume (within
+        # the bone-enclosed tube; beyond it, in the wide flat sacral canal, tracked centres may differ more)
         ref_z = reference.interpolated_centres_lps[:, 2]
+        ring_z = reference.centres_lps[reference.enclosed, 2]
         for p in result.centres_lps:
-            if ref_z.min() <= p[2] <= ref_z.max():
+            if ring_z.min() <= p[2] <= ring_z.max():
                 q = np.array([np.interp(p[2], ref_z, reference.interpolated_centres_lps[:, d]) for d in (0, 1)])
-                assert np.hypot(*(p[:2] - q)) < 3.0, (name, p)
+                assert np.hypot(*(p[:2] - q)) < 4.0, (name, p)
         assert abs(result.sagittal_x_lps - reference.sagittal_x_lps) < 2.0, name
 
 

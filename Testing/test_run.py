@@ -122,11 +122,15 @@ def test_good_case_files_and_schema(batch):
 
 def test_partial_view_is_never_numbered_by_guess_and_metal_is_partial(batch):
     # only L1–L2 in view: neither the sacrum nor T12 anchors the numbering, so no level is attributed (the
-    # network alone numbered three levels here, one of them L3, which is not in the scan)
+    # network alone numbered three levels here, one of them L3, which is not in the scan); the 12th ribs that pass
+    # beside L1 enter at the scan's top edge, where they leave the spine is not seen, so they anchor nothing
     l1l2 = results(batch, "l1l2")
     assert l1l2["status"] == "failed" and l1l2["level_numbering_anchor"] is None
-    assert "no anchor" in l1l2["error"] and not any(v["found"] for v in l1l2["vertebrae"])
-    assert results(batch, "good")["level_numbering_anchor"] == "sacrum"
+    assert "cannot be numbered" in l1l2["error"] and "neither the sacrum nor a rib-bearing" in l1l2["error"]
+    assert not any(v["found"] for v in l1l2["vertebrae"])
+    assert l1l2["spine"]["numbered"] is False and len(l1l2["spine"]["chain"]) == 2
+    good = results(batch, "good")
+    assert good["level_numbering_anchor"] == "T12 and sacrum" and good["spine"]["lumbar_count"] == 5
     implant = results(batch, "implant")
     implanted = set(batch["implant"].truth["variants"]["implant_levels"])
     for v in implant["vertebrae"]:
