@@ -259,9 +259,9 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
-        self.ui.resultsTableWidget.setColumnCount(5)
+        self.ui.resultsTableWidget.setColumnCount(6)
         self.ui.resultsTableWidget.setHorizontalHeaderLabels(["Level", "BMD (mg/cm³)", "Category", "Confidence",
-                                                              "Note"])
+                                                              "Identified by", "Note"])
         self.ui.resultsTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.resultsTableWidget.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.deviceComboBox.clear()
@@ -419,10 +419,10 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for r, row in enumerate(rows):
             colour = qt.QColor(row["colour"])
             colour.setAlpha(110)
-            for c, key in enumerate(("level", "bmd", "category", "confidence", "note")):
+            for c, key in enumerate(("level", "bmd", "category", "confidence", "identified", "note")):
                 item = qt.QTableWidgetItem(row[key])
                 item.setBackground(qt.QBrush(colour))
-                if key == "note":
+                if key in ("note", "identified"):
                     item.setToolTip(row[key])
                 table.setItem(r, c, item)
         table.resizeColumnsToContents()
@@ -650,6 +650,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         ("Centre y (LPS)", float, "mm", "vertebral body centre, LPS y (posterior +)"),
         ("Centre z (LPS)", float, "mm", "vertebral body centre, LPS z (superior +)"),
         ("Confidence", float, "", "segmentation confidence 0–1 (empty for edited segments)"),
+        ("Identified by", str, "", "how the level was numbered on the CT: anchor (T12, sacrum), count, confidence"),
         ("Colour", str, "", "category colour, #RRGGBB"),
         ("Note", str, "", "why a level was not measured"),
     )
@@ -1045,17 +1046,37 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
     # --- results table ----------------------------------------------------------------------------------
 
     @staticmethod
+    def identifiedBy(vertebra: dict) -> str:
+        """How a level was identified, in a few words: "T12 and sacrum, 1st below T12 (0.97)", "edited labels"."""
+        ident = vertebra.get("identification") or {}
+        anchor = ident.get("anchor")
+        if not anchor:
+            return ""
+        if anchor == "edited labels":
+            return "edited labels"
+        count = ident.get("count")
+        where = ("" if count is None else
+                 f", {count} above S1" if anchor == "sacrum" else f", {count} below T12")
+        confidence = ident.get("confidence")
+        text = f"{anchor}{where}" + ("" if confidence is None else f" ({confidence:.2f})")
+        if ident.get("source") == "classical outline":
+            text += "; outlined from the anatomy"
+        return text
+
+    @staticmethod
     def resultMessage(results: dict) -> str:
-        """One or two sentences on the result for the widget: what was measured and, when partial, what was not."""
+        """One or two sentences on the result for the widget: what was measured and, when partial, what was not; then
+        the quality-control flags (transitional anatomy, uncertain identification, …)."""
         missing = [v for v in results["vertebrae"] if not v["found"]]
         if results["status"] == "failed":
             return results["error"]
+        flags = " ".join(f"QC: {f['message']}." for f in results.get("qc_flags") or [])
         if not missing:
-            return "L1–L4 measured."
+            return " ".join(["L1–L4 measured.", flags]).strip()
         measured = ", ".join(v["level"] for v in results["vertebrae"] if v["found"])
         why = "; ".join(f"{v['level']}: {v.get('reason', '')}" for v in missing)
         return (f"Partial result: the mean uses {measured} only. Not measured: {why}. Check the segments "
-                "('Edit segments') and press 'Recompute BMD' after a correction.")
+                "('Edit segments') and press 'Recompute BMD' after a correction. " + flags).strip()
 
     def fillResultsTable(self, tableNode, results: dict) -> None:
         """Write the per-level rows of ``results`` (``results.json``) into the table node, plus the patient's mean,
@@ -1070,6 +1091,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
                 "Category": v["category"] or "",
                 "Centre x (LPS)": centre[0], "Centre y (LPS)": centre[1], "Centre z (LPS)": centre[2],
                 "Confidence": v["confidence"] if v["confidence"] is not None else float("nan"),
+                "Identified by": self.identifiedBy(v),
                 "Colour": _hex(colour) if colour else "",
                 "Note": v.get("reason", "") if not v["found"] else "",
             })
@@ -1116,6 +1138,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
                 "bmd": f"{bmd:.1f}" if np.isfinite(bmd) else "—",
                 "category": cell("Category") or "not measured",
                 "confidence": f"{confidence:.2f}" if np.isfinite(confidence) else "—",
+                "identified": cell("Identified by") if tableNode.GetColumnIndex("Identified by") >= 0 else "",
                 "note": cell("Note"),
                 "colour": cell("Colour") or NOT_MEASURED_COLOUR,
             })

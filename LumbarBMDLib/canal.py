@@ -41,7 +41,8 @@ MAX_AREA_MM2 = 700.0  # lumbar canal ≈ 200–450 mm²; a vertebral body's marr
 MIN_FILL = 0.45  # area / bounding-box area: rejects thin crescents and irregular gaps
 MAX_WIDTH_MM = 33.0  # interpedicular canal width is 21–30 mm; a vertebral body's marrow is 38–48 mm wide, which
 # separates the two even when severe osteoporosis makes the marrow as dark as the canal
-MAX_MEAN_HU = 60.0  # canal contents (CSF 0–15 HU, epidural fat ≈ −80 HU) vs marrow of even osteoporotic bone
+MAX_MEAN_HU = 40.0  # canal contents (CSF 0–15 HU, epidural fat ≈ −80 HU, cord ≈ 35 HU; real example: mean 13) vs the
+# marrow of even osteoporotic bone (pedicles, facets: 45–80 HU)
 SOFT_MAX_HU = 100.0  # enclosed pixels above this are marrow, not canal: cuts the canal from a vertebral body's
 # marrow where the thin posterior wall of the body drops below 150 HU (common at 2–3 mm slices)
 MAX_LINK_MM = 3.0  # largest in-plane step between linked slices ...
@@ -50,7 +51,9 @@ LINK_SLOPE_X = 0.2  # ... and this much per mm of z sideways (scoliosis moves th
 OUTLIER_MM = 7.0  # a centre this far from the running median of its neighbours is dropped
 PARTIAL_AREA = 0.75  # a foramen smaller than this × the running median area is only partly enclosed (endplates)
 MIN_BODY_FRACTION = 0.04  # bone fraction of the box in front of the canal (a vertebral body's cortex and marrow)
-MIDLINE_MM = 7.0  # … centred within this of the candidate (a rotated scoliotic vertebra: ≤ 5 mm)
+MIN_WIDTH_MM = 10.0  # the canal is at least this wide and MIN_DEPTH_MM deep (thoracic 15–17 × 14 mm, lumbar wider);
+MIN_DEPTH_MM = 8.0  # the marrow of a pedicle or a facet (4–8 mm across) is not
+MIDLINE_MM = 10.0  # the bone in front of the canal is centred within this of it (see candidate_regions)
 MAX_GAP_MM = 45.0  # longest run without a closed ring: one vertebral pitch (on 3 mm slices the ring may close
 # on a single slice per vertebra)
 MIN_CHAIN_MM = 40.0  # a canal shorter than this is not trusted
@@ -72,7 +75,10 @@ TRACK_SECTOR_DEG = 35.0  # half-width of the anterior and posterior sectors
 TRACK_AREA_MM2 = (50.0, 650.0)  # the contour's area (thoracic canal ≈ 150 mm², lumbar 200–450 mm²)
 TRACK_MAX_MEAN_HU = 45.0  # mean inside the contour: CSF and fat, not myocardium or renal medulla (40–80 HU)
 TRACK_MAX_SHIFT_MM = 5.0  # from the tube's prediction: farther is another structure, refused
-TRACK_BEYOND_MM = 30.0  # beyond the ends of the bone-closed tube, follow the canal until this long without a centre
+TRACK_TREND_MM = 15.0  # beyond the tube's ends the prediction continues the trend of the last this-many mm (short
+# enough to follow the lordosis as it turns)
+TRACK_BEYOND_MM = 45.0  # beyond the ends of the bone-closed tube, follow the canal until this long without a centre
+# (one vertebral pitch: the contour may fail on every slice through a disc at 5 mm slices)
 TRACK_SIDEWAYS_MM = 3.0  # ... and within this (+ 0.1 mm per mm beyond the end) of the tube's sideways trend
 TRACK_ITERATIONS = 4  # re-centre the contour on its own centroid this many times
 SMOOTH_WINDOW_MM = 15.0  # the final centre line: a centre farther than OUTLIER_FINAL_MM from the median of its
@@ -214,10 +220,11 @@ def candidate_regions(
     enclosed: np.ndarray, hu_pooled: np.ndarray, spacing_xy_mm: tuple[float, float], pool: int,
     bone: np.ndarray | None = None,
 ) -> _Candidates:
-    """Connected enclosed regions per slice with plausible canal size, shape and content (mean HU), and, when
+    """Connected enclosed regions per slice with plausible canal size (``MIN_WIDTH_MM``–``MAX_WIDTH_MM`` wide, at least
+    ``MIN_DEPTH_MM`` deep), shape and content (mean HU), and, when
     ``bone`` (the pooled bone mask) is given, with a vertebral body in front: at least ``MIN_BODY_FRACTION`` of
-    bone in the box 8–50 mm anterior and ±15 mm lateral of the region's centroid, with the bone of the box ±25 mm
-    wide centred within ``MIDLINE_MM`` of it (the canal is in the midline; a hole in a pedicle is not)."""
+    bone in the box 8–50 mm anterior and ±15 mm lateral of the region's centroid, the bone of the box ±25 mm wide
+    centred within ``MIDLINE_MM`` of it (the canal is in the vertebra's midline; a hole in a pedicle is not)."""
     labels, n = ndimage.label(enclosed, structure=_IN_PLANE)
     if n == 0:
         return _Candidates(np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), np.zeros(0, int), labels)
@@ -232,11 +239,12 @@ def candidate_regions(
     objects = ndimage.find_objects(labels)
     bbox_area = np.array([(o[1].stop - o[1].start) * (o[2].stop - o[2].start) for o in objects], float)
     width_mm = np.array([o[2].stop - o[2].start for o in objects], float) * spacing_xy_mm[0] * pool
+    depth_mm = np.array([o[1].stop - o[1].start for o in objects], float) * spacing_xy_mm[1] * pool
     px_area = spacing_xy_mm[0] * spacing_xy_mm[1] * pool * pool
     area = counts * px_area
     fill = counts / np.maximum(bbox_area, 1.0)
     ok = (area >= MIN_AREA_MM2) & (area <= MAX_AREA_MM2) & (fill >= MIN_FILL) & (mean_hu <= MAX_MEAN_HU)
-    ok &= width_mm <= MAX_WIDTH_MM
+    ok &= (width_mm <= MAX_WIDTH_MM) & (width_mm >= MIN_WIDTH_MM) & (depth_mm >= MIN_DEPTH_MM)
     # centroid of a pooled pixel p covers full-resolution pixels p*pool … p*pool+pool-1
     ci = (mean_i + 0.5) * pool - 0.5
     cj = (mean_j + 0.5) * pool - 0.5
@@ -247,11 +255,11 @@ def candidate_regions(
             i0, i1 = int(mean_i[m] - 15.0 / px_x), int(mean_i[m] + 15.0 / px_x) + 1
             rows = slice(max(j0, 0), max(j1, 0))
             box = bone[kk_, rows, max(i0, 0) : max(i1, 0)]
-            # the canal lies in the vertebra's midline: the bone in front of it (±25 mm) is centred on it, where a
-            # hole in a pedicle or a facet has the body to one side
+            # the canal lies in the vertebra's midline: the bone in front of it (±25 mm) is centred on it (a patient
+            # rotated 15° or a rotated scoliotic vertebra moves it ≤ 8 mm), where a hole in a pedicle or a facet
+            # has the body 15 mm or more to one side
             w0, w1 = int(mean_i[m] - 25.0 / px_x), int(mean_i[m] + 25.0 / px_x) + 1
-            wide = bone[kk_, rows, max(w0, 0) : max(w1, 0)]
-            cols = np.nonzero(wide)[1]
+            cols = np.nonzero(bone[kk_, rows, max(w0, 0) : max(w1, 0)])[1]
             offset = abs(cols.mean() + max(w0, 0) - mean_i[m]) * px_x if cols.size else np.inf
             ok[m] = box.size > 0 and box.mean() >= MIN_BODY_FRACTION and offset <= MIDLINE_MM
     sel = idx[ok] - 1
@@ -528,7 +536,7 @@ def track_canal(volume: CTVolume, ks: np.ndarray, ij: np.ndarray) -> tuple[np.nd
         missed = 0.0
         while 0 <= k + direction < nz and missed < TRACK_BEYOND_MM:
             k += direction
-            near = [m for m, kk in enumerate(track_k) if abs(kk - k) * sz <= 30.0]
+            near = [m for m, kk in enumerate(track_k) if abs(kk - k) * sz <= max(TRACK_TREND_MM, 2.5 * sz)]
             if len(near) >= 2:
                 kk = np.array([track_k[m] for m in near], float)
                 pts = np.array([track_ij[m] for m in near])

@@ -132,10 +132,18 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     print(f"canal found on {len(c.slice_indices)} axial slices "
           f"(slices {int(c.slice_indices.min())}-{int(c.slice_indices.max())}), sagittal plane x = "
-          f"{c.sagittal_x_lps:.1f} mm (LPS), lateral drift {c.drift_mm:.1f} mm")
+          f"{ann.images.annotation_geometry.sagittal_x_lps:.1f} mm (LPS), lateral drift {c.drift_mm:.1f} mm")
     if c.drift_mm > 10.0:
         print(f"note: the canal drifts {c.drift_mm:.0f} mm sideways (scoliosis?); one sagittal plane cuts the "
               "vertebrae off-centre at the ends: check the annotation image")
+    spine = ann.spine
+    if spine is not None and spine.numbered:
+        named = [n for n in spine.names if n]
+        print(f"vertebrae identified on the CT ({spine.anchor}): {', '.join(named)}")
+        for flag in spine.flags:
+            print(f"note: {flag.message}")
+    elif spine is not None:
+        print(f"vertebrae not numbered: {spine.refusal}")
     for warning in ann.volume.metadata.get("warnings", []):
         print(f"warning: {warning}")
     if ann.volume.metadata.get("dicom_choice"):
@@ -150,13 +158,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from LumbarBMDLib.segmentation import SegmentationModel, segment, segmentation_json, write_segmentation
     from LumbarBMDLib.volume import read_ct
 
+    from LumbarBMDLib.spine.labelling import anatomical_labels, as_segmentation_result
+
     model = SegmentationModel.load(args.model, device=args.device)
     ann = prepare(read_ct(args.input))
-    result = segment(model, ann.images, ann.canal.mean_centre_lps)
-    write_segmentation(args.out, ann.images, result, segmentation_json(result, model, ann.canal_json()))
-    for lv in result.levels:
+    network = segment(model, ann.images, ann.canal.mean_centre_lps)
+    anatomical = anatomical_labels(network.probabilities, network.geometry, ann.spine, ann.images.annotation_hu)
+    result = as_segmentation_result(anatomical, network.probabilities)
+    summary = segmentation_json(result, model, ann.canal_json())
+    summary["network_levels"] = segmentation_json(network, model)["vertebrae"]  # the network's own numbering
+    summary["dropped_segments"] = anatomical.dropped
+    write_segmentation(args.out, ann.images, result, summary)
+    spine = ann.spine
+    print("levels numbered on the CT from " + spine.anchor if spine.numbered else f"not numbered: {spine.refusal}")
+    for lv, an in zip(result.levels, anatomical.levels, strict=True):
         where = ", ".join(f"{c:.1f}" for c in lv.centre_lps) if lv.found else lv.reason
-        print(f"{lv.level}: " + (f"found, confidence {lv.confidence:.2f}, centre LPS ({where})" if lv.found else where))
+        said = f"; the network had labelled it {an.network_level}" if an.network_level not in (None, lv.level) else ""
+        print(f"{lv.level}: " + (f"found ({an.source}{said}), centre LPS ({where})" if lv.found else where))
+    for sentence in anatomical.dropped:
+        print(f"note: {sentence}")
     print(f"status: {result.status}; wrote {Path(args.out).resolve()}/sagittal.nii.gz, sagittal_labels.nii.gz, "
           "segmentation.json, segmentation_preview.png")
     return 0

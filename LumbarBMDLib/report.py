@@ -77,6 +77,21 @@ def sagittal_figure(result) -> str:
     return _png(fig)
 
 
+def chain_figure(result) -> str:
+    """The vertebral-body chain and its anchors found on the CT, named (PNG data URI; see
+    :func:`LumbarBMDLib.figures.draw_chain`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from LumbarBMDLib.figures import draw_chain
+
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 5.2), gridspec_kw={"width_ratios": [1.0, 1.4]})
+    draw_chain(axes, result.spine)
+    return _png(fig)
+
+
 def axial_figure(result) -> str:
     """The axial slice of each measured level (±40 mm around the patch) with the patch outlined (PNG data URI)."""
     import matplotlib
@@ -102,9 +117,25 @@ def axial_figure(result) -> str:
     return _png(fig)
 
 
+def identified_by(vertebra: dict) -> str:
+    """How a level was identified on the CT, in a few words (the same words as the Slicer table)."""
+    ident = vertebra.get("identification") or {}
+    anchor = ident.get("anchor")
+    if not anchor:
+        return "–"
+    if anchor == "edited labels":
+        return "edited labels"
+    count = ident.get("count")
+    where = "" if count is None else (f", {count} above S1" if anchor == "sacrum" else f", {count} below T12")
+    conf = ident.get("confidence")
+    text = f"{anchor}{where}" + ("" if conf is None else f" ({conf:.2f})")
+    return text + ("; outlined from the anatomy" if ident.get("source") == "classical outline" else "")
+
+
 def qc_flags(results: dict) -> list[str]:
-    """Plain-language quality flags from a results.json object."""
-    flags = []
+    """Plain-language quality flags from a results.json object: the identification's flags (transitional anatomy,
+    uncertain identification, segments renumbered or dropped), then the per-level ones."""
+    flags = [f["message"] for f in results.get("qc_flags") or []]
     for v in results["vertebrae"]:
         if not v["found"]:
             flags.append(f"{v['level']} not measured: {v.get('reason', 'not found')}")
@@ -130,14 +161,15 @@ def render_report(results: dict, result) -> str:
     category = results["category"]
     rows = []
     for v in results["vertebrae"]:
+        ident = esc(identified_by(v))
         if v["found"]:
             conf = "" if v.get("confidence") is None else f"{v['confidence']:.2f}"
             rows.append(f"<tr><td>{esc(v['level'])}</td><td class=num>{v['bmd_mg_cm3']:.1f}</td>"
                         f"<td><span class=cat style='background:{_colour(v['category'])}'>{esc(v['category'])}"
-                        f"</span></td><td class=num>{conf}</td></tr>")
+                        f"</span></td><td class=num>{conf}</td><td>{ident}</td></tr>")
         else:
             rows.append(f"<tr><td>{esc(v['level'])}</td><td class=num>–</td><td colspan=2>"
-                        f"{esc(v.get('reason', 'not measured'))}</td></tr>")
+                        f"{esc(v.get('reason', 'not measured'))}</td><td>{ident}</td></tr>")
     flags = qc_flags(results)
     flag_html = "".join(f"<li>{esc(f)}</li>" for f in flags) or "<li>none</li>"
     headline = (f"<div class=headline style='border-color:{_colour(category)}'>"
@@ -155,12 +187,13 @@ def render_report(results: dict, result) -> str:
 LumbarBMD {esc(results['version'])}</div>
 <div class=disclaimer>{esc(DISCLAIMER)}</div>
 <div class=row>{headline}
-<table><tr><th>level</th><th>BMD (mg/cm³)</th><th>category</th><th>seg. confidence</th></tr>
+<table><tr><th>level</th><th>BMD (mg/cm³)</th><th>category</th><th>seg. confidence</th><th>identified by</th></tr>
 {''.join(rows)}</table></div>
 <p style="font-size:13px;color:#555">Categories (ACR/ISCD spine QCT): &lt; 80 osteoporosis,
 80–120 osteopenia, &gt; 120 normal.</p>
 <h2 style="font-size:16px">Quality control</h2><ul class=flags>{flag_html}</ul>
-<div class=row><img alt="sagittal L1-L4" src="{sagittal_figure(result)}" style="max-width:420px"></div>
+<div class=row><img alt="sagittal L1-L4" src="{sagittal_figure(result)}" style="max-width:420px">
+<img alt="vertebral chain and anchors" src="{chain_figure(result)}" style="max-width:560px"></div>
 <div class=row><img alt="axial patches" src="{axial_figure(result)}" style="max-width:1050px"></div>
 <div class=foot>Models: segmentation {esc(str(models.get('segmentation') or 'edited labels')[:16])}…,
 regression {esc(str(models['regression'])[:16])}… · canal found on {results['canal']['slices_found']} slices,

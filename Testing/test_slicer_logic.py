@@ -182,6 +182,8 @@ def test_compute_table_holds_the_library_values(logic, ct_node, case, direct):
     assert summary["colour"] == "#{:02X}{:02X}{:02X}".format(*CATEGORY_COLOURS[expected["category"]])
     rows = logic.tableRows(table)
     assert [r["level"] for r in rows] == list(LEVELS) and all(r["bmd"] != "—" for r in rows)
+    # each level says how the anatomy identified it: both anchors seen, counted from T12
+    assert [r["identified"].split(" (")[0] for r in rows] == [f"T12 and sacrum, {k} below T12" for k in range(1, 5)]
 
     # computing again updates the same nodes instead of adding new ones
     again = logic.compute(ct_node)
@@ -249,7 +251,7 @@ def test_a_scan_without_sacrum_or_t12_is_refused_not_guessed(logic, mrml, case):
                    origin=case.ct.index_to_lps([0, 0, k[0]]), direction=case.ct.direction)
     node = logic.ctVolumeToVolumeNode(cut, "L1-L2 only")
     before = mrml.scene.GetNumberOfNodes()
-    with pytest.raises(LumbarBMDError, match="no anchor"):
+    with pytest.raises(LumbarBMDError, match="cannot be numbered: the scan shows neither the sacrum nor a rib-bearing"):
         logic.compute(node)
     assert mrml.scene.GetNumberOfNodes() == before
 
@@ -279,6 +281,7 @@ def test_removing_l2_and_recomputing_gives_a_partial_result(logic, ct_node, mrml
     message = logic.patientSummary(again.table)["message"]
     assert message.startswith("Partial result") and "L2" in message
     assert again.results["level_numbering_anchor"] == "edited labels"
+    assert {rows[level]["identified"] for level in ("L1", "L3", "L4")} == {"edited labels"}
 
     # erasing every level: the library's error, and the table keeps the last result
     for level in ("L1", "L3", "L4"):

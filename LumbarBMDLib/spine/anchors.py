@@ -52,6 +52,7 @@ SACRUM_BONE_HU = 100.0  # alae of the elderly are low in density (cancellous 100
 SACRUM_PIXEL_MM = 1.5
 SACRUM_PLANES_MM = (6.0, 12.0, 18.0)  # axial planes this far below the body's zone top (the disc above): the alae join
 # the upper S1 body
+JOIN_CORE_MM = 12.0
 JOIN_FROM_A_MM = -12.0  # (relative to the body's centre) the canal's front wall: the posterior elements lie behind
 ALA_REACH_MM = 45.0  # in front of the canal the alae reach toward the sacroiliac joints (sacral width ≥ 100 mm; real
 # example 120 mm with the joints bridged); a lumbar body with its osteophytes stays within 35 mm
@@ -238,7 +239,8 @@ def joined_to_ilia(volume: CTVolume, centre_lps: np.ndarray) -> tuple[bool, floa
     # in front of the canal only: through the facet joints every vertebra is joined to the next and to the sacrum
     joined = ndimage.binary_closing(hu > SACRUM_BONE_HU, structure, iterations=1) & (a >= JOIN_FROM_A_MM)[:, None]
     labels, _ = ndimage.label(joined, structure)
-    core = (np.abs(a) <= 6.0)[:, None] & (np.abs(u) <= 6.0)[None]
+    core = (a[:, None] ** 2 + u[None] ** 2) <= JOIN_CORE_MM**2  # the body around the point (the sacrum's tilt and
+    # the frame's extrapolation below the canal may leave the point a few mm off the body's centre)
     ids = np.unique(labels[core & (labels > 0)])
     if len(ids) == 0:
         return False, 0.0, 0.0

@@ -173,8 +173,8 @@ def mid_sagittal_column(frame: SpineFrame, volume: CTVolume) -> tuple[Straighten
     with np.errstate(invalid="ignore"), _quiet():
         m = np.nanmean(st.values, axis=2)
     column = Straightened(m[:, :, None].astype(np.float32), st.s_mm, st.a_mm, np.zeros(1), st.plane_index)
-    central = (st.a_mm >= 5.0) & (st.a_mm <= 45.0)
-    valid = np.isfinite(m[:, central]).mean(axis=1) > 0.9
+    central = (st.a_mm >= 10.0) & (st.a_mm <= 35.0)  # the bodies' band: a plane is usable where it is in the scan
+    valid = np.isfinite(m[:, central]).mean(axis=1) > 0.8
     return column, valid
 
 
@@ -363,6 +363,23 @@ def _cross_section(frame: SpineFrame, volume: CTVolume, plane: int, ac: float) -
     return float(u[iu].mean()), float(np.ptp(u[iu]) + 1.0), float(np.ptp(a[ja]) + 1.0)
 
 
+def _bone_extent(s: np.ndarray, m: np.ndarray, a_mm: np.ndarray, ac: np.ndarray, valid: np.ndarray, top: float,
+                 bottom: float, cut_top: bool, cut_bottom: bool) -> tuple[float, float]:
+    """Shrink an edge piece's open end to the last plane whose column (a_c ± 15 mm) still holds bone."""
+    sel = np.flatnonzero((s >= top) & (s <= bottom) & valid)
+    rows = np.abs(a_mm[None, :] - ac[sel][:, None]) <= 15.0
+    with _quiet():
+        peak = np.nanmax(np.where(rows, m[sel], np.nan), axis=1)
+    has_bone = np.nan_to_num(peak, nan=-1000.0) >= BODY_BONE_HU
+    if not has_bone.any():
+        return top, top
+    if cut_top:
+        top = float(s[sel[np.argmax(has_bone)]])
+    if cut_bottom:
+        bottom = float(s[sel[len(has_bone) - 1 - np.argmax(has_bone[::-1])]])
+    return top, bottom
+
+
 def find_chain(volume: CTVolume, canal: CanalResult, frame: SpineFrame | None = None) -> VertebralChain:
     """The vertebral-body chain of a CT whose canal was found (see the module docstring)."""
     import time
@@ -406,6 +423,10 @@ def _bodies_between(frame: SpineFrame, volume: CTVolume, column: Straightened, a
         bone = float(np.percentile(vals, 90)) if len(vals) else -1000.0
         if (cut_top or cut_bottom) and bone < BODY_BONE_HU:
             continue
+        if cut_top or cut_bottom:  # at the scan's edge the piece ends where its bone ends (not in the soft tissue)
+            top, bottom = _bone_extent(s, m, column.a_mm, ac, valid, top, bottom, cut_top, cut_bottom)
+            if bottom - top < MIN_BODY_MM:
+                continue
         mid = 0.5 * (top + bottom)
         plane = frame.plane_at(mid)
         i_mid = int(np.argmin(np.abs(s - mid)))

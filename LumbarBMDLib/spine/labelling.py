@@ -251,3 +251,24 @@ def edited_levels(labels: np.ndarray, geometry: SagittalGeometry, ident: SpineId
             flags.append(QCFlag("edited_label_disagrees", f"{c.level} is drawn on the vertebra that the anatomy "
                                 f"numbers {ident.names[body]}; measured as drawn"))
     return out, flags
+
+
+def as_segmentation_result(anatomical: AnatomicalSegmentation, fused: np.ndarray):
+    """The anatomical labels as a :class:`~LumbarBMDLib.segmentation_post.SegmentationResult` (for the files and the
+    preview that ``lumbarbmd segment`` writes): per level its centre, area and confidence, or why it is missing."""
+    from LumbarBMDLib.segmentation_post import LevelSegment, SegmentationResult
+
+    geometry = anatomical.geometry
+    pixel_area = geometry.pixel_mm**2
+    levels = []
+    for value, lv in enumerate(anatomical.levels, start=1):
+        mask = anatomical.labels == value
+        if not lv.found or not mask.any():
+            levels.append(LevelSegment(lv.level, value, False, lv.reason or "not found"))
+            continue
+        rows, cols = np.nonzero(mask)
+        centre = (float(cols.mean()), float(rows.mean()))
+        levels.append(LevelSegment(lv.level, value, True, "", float(mask.sum() * pixel_area), centre,
+                                   geometry.pixel_to_lps([centre[0], centre[1], 0.0]), lv.confidence,
+                                   int(mask.sum())))
+    return SegmentationResult(anatomical.labels, np.asarray(fused, np.float32), levels, geometry)

@@ -167,10 +167,12 @@ def _names_from_t12(n: int, t12: int, lumbar: int | None = None) -> list[str | N
         if k <= 0:
             t = 12 + k
             names.append(f"T{t}" if t >= 1 else f"C{7 + t}" if 7 + t >= 1 else None)
-        elif lumbar is None or k <= lumbar:
+        elif k <= (EXPECTED_LUMBAR if lumbar is None else lumbar):
             names.append(f"L{k}")
-        else:
+        elif lumbar is not None:
             names.append(f"S{k - lumbar}")
+        else:  # without the sacrum in view, what follows L5 is not known (an L6, or S1)
+            names.append(None)
     return names
 
 
@@ -197,12 +199,12 @@ def _band_inside(chain: VertebralChain, anchors: Anchors, body: int) -> bool:
 
 
 def _reference_height(chain: VertebralChain, i: int) -> float:
-    """Expected zone height of body ``i``: the median of the complete bodies nearest to it."""
+    """Expected height of body ``i`` (endplate to endplate): the median of the complete bodies nearest to it."""
     complete = [j for j, b in enumerate(chain.bodies) if b.complete]
     if not complete:
-        return 30.0
+        return 25.0
     near = sorted(complete, key=lambda j: abs(j - i))[:3]
-    return float(np.median([chain.bodies[j].zone_bottom_s_mm - chain.bodies[j].zone_top_s_mm for j in near]))
+    return float(np.median([chain.bodies[j].height_mm for j in near]))
 
 
 def _contradiction(chain: VertebralChain, anchors: Anchors, ribbed: list[int]) -> str | None:
@@ -315,11 +317,17 @@ def number_chain(chain: VertebralChain, anchors: Anchors) -> SpineIdentification
         idx = names.index(name) if name in names else None
         if idx is None:
             want = t12 + k if anchor != "sacrum" else s1 - (EXPECTED_LUMBAR + 1 - k)
-            where = "above" if want < 0 else "below"
-            edge = names[0] if where == "above" else names[-1]
-            cut = first.cut_above if where == "above" else last.cut_below
-            reason = (f"not in the field of view: the scan {'starts' if where == 'above' else 'ends'} at {edge}"
-                      if cut else f"not found: the vertebral chain ends at {edge}")
+            above = want < 0
+            edge = names[0] if above else names[-1]
+            end_body = first if above else last
+            scan_edge = chain.column.s_mm[chain.valid][0 if above else -1]
+            gap = (end_body.top_s_mm - scan_edge) if above else (scan_edge - end_body.bottom_s_mm)
+            if (end_body.cut_above if above else end_body.cut_below) or gap < _reference_height(chain, 0):
+                reason = (f"not in the field of view: the scan {'starts' if above else 'ends'} "
+                          + (f"at {edge}" if gap < 3.0 else f"{gap:.0f} mm {'above' if above else 'below'} {edge}"))
+            else:
+                reason = (f"not found: the vertebral chain ends at {edge}, {gap:.0f} mm from the "
+                          f"{'top' if above else 'end'} of the scan")
             levels.append(LevelIdentity(name, None, False, False, anchor, None, 0.0, reason))
             continue
         count = abs(idx - origin)
@@ -329,26 +337,31 @@ def number_chain(chain: VertebralChain, anchors: Anchors) -> SpineIdentification
         factor = min([1.0] + [0.5 + 0.5 * min(1.0, s_) for s_ in strength])
         body = chain.bodies[idx]
         ref = _reference_height(chain, idx)
-        zone_h = body.zone_bottom_s_mm - body.zone_top_s_mm
         measurable, reason = True, ""
-        if not body.complete and zone_h < MIN_VISIBLE_FRACTION * ref:
+        if not body.complete and body.height_mm < MIN_VISIBLE_FRACTION * ref:
             measurable = False
-            reason = (f"only partly in the field of view: the scan cuts {name} ({zone_h:.0f} of about {ref:.0f} mm "
-                      "in view); not measured")
+            reason = (f"only partly in the field of view: the scan cuts {name} ({body.height_mm:.0f} of about "
+                      f"{ref:.0f} mm in view); not measured")
         levels.append(LevelIdentity(name, idx, True, measurable, anchor, count, base * factor, reason))
         faint = faint or factor < FAINT_FACTOR
-    for i, b in enumerate(chain.bodies):
-        zone_h = b.zone_bottom_s_mm - b.zone_top_s_mm
-        neighbours = [chain.bodies[j] for j in (i - 1, i + 1) if 0 <= j < n and chain.bodies[j].complete]
-        if b.complete and neighbours and zone_h > MERGED_HEIGHT_RATIO * np.median(
-                [x.zone_bottom_s_mm - x.zone_top_s_mm for x in neighbours]) and names[i] and names[i][0] in "TL":
-            flags.append(QCFlag("uncertain_identification", (
-                f"uncertain identification: the vertebra numbered {names[i]} is {zone_h:.0f} mm tall, which may be "
-                "two vertebrae with a disc that was not seen; check the numbering")))
-            for lv in levels:
-                if lv.identified and lv.body is not None and (
-                        min(lv.body, origin) <= i <= max(lv.body, origin)):
-                    lv.confidence *= 0.6
+    # a vertebra far taller than its neighbours holds two (a disc that was not seen): every level counted across it
+    # is uncertain, and is not measured
+    ref_all = float(np.median([b.height_mm for b in chain.bodies if b.complete])) if any(
+        b.complete for b in chain.bodies) else 25.0
+    tall = [i for i, b in enumerate(chain.bodies) if b.height_mm > MERGED_HEIGHT_RATIO * ref_all
+            and i not in anchors.sacrum.sacral_bodies]
+    for i in tall:
+        label = names[i] or "a vertebra"
+        flags.append(QCFlag("uncertain_identification", (
+            f"uncertain identification: {label} is {chain.bodies[i].height_mm:.0f} mm tall (its neighbours about "
+            f"{ref_all:.0f} mm), which may be two vertebrae with a disc that was not seen; the levels counted across "
+            "it are not measured")))
+        for lv in levels:
+            if lv.identified and lv.body is not None and min(lv.body, origin) <= i <= max(lv.body, origin):
+                lv.measurable = False
+                lv.confidence *= 0.5
+                lv.reason = (f"uncertain identification: the count from {anchor} passes a vertebra "
+                             f"{chain.bodies[i].height_mm:.0f} mm tall (two vertebrae?); not measured")
     if faint and not any(f.code == "uncertain_identification" for f in flags):
         flags.append(QCFlag("uncertain_identification", (
             "uncertain identification: a disc along the count is faint; check the numbering")))
