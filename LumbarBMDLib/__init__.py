@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from LumbarBMDLib.errors import LumbarBMDError
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["LumbarBMDError", "__version__"]

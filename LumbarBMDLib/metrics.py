@@ -150,3 +150,50 @@ def summarise(cases: Sequence[Mapping[str, Mapping[str, float]]]) -> dict:
             name: {metric: _mean_sd([c[name][metric] for c in cases]) for metric in METRIC_NAMES} for name in names
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# canal centres against vertebra masks (real CTs without a canal truth)
+# ---------------------------------------------------------------------------------------------------------------
+def _first_hit_mm(mask: np.ndarray, centre_ij, centre_deg: float, half_deg: float, max_mm: float,
+                  spacing_xy: Sequence[float]) -> float:
+    """Distance (mm) to the first pixel of ``mask`` along rays from ``centre_ij`` within ±``half_deg`` of
+    ``centre_deg`` (0° = +i, i.e. the patient's left; 90° = +j, posterior), the nearest over the rays; inf if none."""
+    best = math.inf
+    for a in np.deg2rad(np.arange(centre_deg - half_deg, centre_deg + half_deg + 1e-6, 7.5)):
+        for t in np.arange(0.5, max_mm, 0.5):
+            i = int(round(centre_ij[0] + np.cos(a) * t / spacing_xy[0]))
+            j = int(round(centre_ij[1] + np.sin(a) * t / spacing_xy[1]))
+            if not (0 <= j < mask.shape[0] and 0 <= i < mask.shape[1]):
+                break
+            if mask[j, i]:
+                best = min(best, float(t))
+                break
+    return best
+
+
+def inside_vertebral_canal(vertebrae: np.ndarray, bodies: np.ndarray, k: int, centre_ij,
+                           spacing_xy: Sequence[float]) -> bool:
+    """Whether a point lies in the vertebral canal, judged from vertebra masks (for real CTs, which have no canal
+    truth; the masks of a 3 mm scan rarely enclose the canal on one slice, so slices k − 1 … k + 1 count).
+
+    Inside means: not in a vertebra or a body/disc; a vertebral body or disc within 15 mm in front (±20°); posterior
+    elements within 30 mm behind (±30°); and vertebra on both sides (±30°) at distances within 9 mm of each other.
+
+    Args:
+        vertebrae: ``(nz, ny, nx)`` labels of whole vertebrae (> 0), axial LPS (j → posterior).
+        bodies: same grid, > 0 on vertebral bodies and discs.
+        k: axial slice; centre_ij: the point's (i, j); spacing_xy: pixel size (mm).
+    """
+    i, j = (int(round(float(v))) for v in centre_ij[:2])
+    if vertebrae[k, j, i] or bodies[k, j, i]:
+        return False
+    near = slice(max(k - 1, 0), k + 2)
+    body = (bodies[near] > 0).any(axis=0)
+    posterior = ((vertebrae[near] > 0) & (bodies[near] == 0)).any(axis=0)
+    bone = (vertebrae[near] > 0).any(axis=0)
+    left = _first_hit_mm(bone, centre_ij, 0.0, 30.0, 20.0, spacing_xy)
+    right = _first_hit_mm(bone, centre_ij, 180.0, 30.0, 20.0, spacing_xy)
+    return (math.isfinite(_first_hit_mm(body, centre_ij, 270.0, 20.0, 15.0, spacing_xy))
+            and math.isfinite(_first_hit_mm(posterior, centre_ij, 90.0, 30.0, 30.0, spacing_xy))
+            and abs(left - right) <= 9.0)

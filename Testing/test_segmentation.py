@@ -94,7 +94,7 @@ def test_candidate_probabilities_and_segment(tiny_model, prepared):
     assert result.labels.shape == (512, 512) and result.labels.dtype == np.uint8
     assert result.geometry.n_slices == 1
     # the label image lies on the canal's sagittal plane
-    assert result.geometry.origin_lps[0] == pytest.approx(canal.sagittal_x_lps, abs=1e-6)
+    assert result.geometry.origin_lps[0] == pytest.approx(images.candidate_geometry.sagittal_x_lps, abs=1e-6)
     assert [lv.level for lv in result.levels] == ["L1", "L2", "L3", "L4"]
     assert result.status in ("ok", "partial")
     for lv in result.levels:  # an untrained model finds little; whatever it reports is self-consistent

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from verse_ct import VERSE_LEVELS, render_verse_ct
 
 from LumbarBMDLib.annotation import prepare
+from LumbarBMDLib.metrics import inside_vertebral_canal
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.phantom import transforms as T
 from LumbarBMDLib.volume import CTVolume, read_ct, reorient_to_lps
@@ -79,46 +80,16 @@ def test_real_canal_found_on_most_lumbar_slices_and_inside_the_canal(real):
     found = dict(zip(canal.slice_indices, ct.lps_to_index(canal.centres_lps), strict=True))
     on_lumbar = [k for k in lumbar if k in found]
     assert len(on_lumbar) >= 0.6 * len(lumbar), (len(on_lumbar), len(lumbar))
-    inside = [inside_canal(labels, bodies, k, found[k][:2], ct.spacing) for k in on_lumbar]
+    inside = [inside_vertebral_canal(labels, bodies, k, found[k][:2], ct.spacing) for k in on_lumbar]
     assert np.mean(inside) >= 0.95, [k for k, ok in zip(on_lumbar, inside, strict=True) if not ok]
     # the reference rejects points that are not in the canal: 15 mm in front lies in the body
-    shifted = [inside_canal(labels, bodies, k, found[k][:2] + [0.0, -15.0 / ct.spacing[1]], ct.spacing)
+    shifted = [inside_vertebral_canal(labels, bodies, k, found[k][:2] + [0.0, -15.0 / ct.spacing[1]], ct.spacing)
                for k in on_lumbar]
     assert np.mean(shifted) < 0.1
     # the sagittal plane is the median over L1–L4 and passes through the lumbar bodies' midline
     kk, jj, ii = np.nonzero(np.isin(labels, [28, 29, 30, 31]) & (bodies == 1))
     spine_x = ct.index_to_lps(np.c_[ii, jj, kk].mean(axis=0))[0]
     assert abs(ann.images.annotation_geometry.sagittal_x_lps - spine_x) < 4.0
-
-
-def _sector_distance(mask, c, centre_deg, half_deg, max_mm, spacing):
-    best = np.inf
-    for a in np.deg2rad(np.arange(centre_deg - half_deg, centre_deg + half_deg + 1e-6, 7.5)):
-        for t in np.arange(0.5, max_mm, 0.5):
-            i, j = int(round(c[0] + np.cos(a) * t / spacing[0])), int(round(c[1] + np.sin(a) * t / spacing[1]))
-            if not (0 <= j < mask.shape[0] and 0 <= i < mask.shape[1]):
-                break
-            if mask[j, i]:
-                best = min(best, t)
-                break
-    return best
-
-
-def inside_canal(labels, bodies, k, c, spacing) -> bool:
-    """A point lies in the vertebral canal (from the TotalSegmentator masks): not in bone or disc, the body or disc
-    within 15 mm in front, posterior elements within 30 mm behind, and vertebra on both sides at similar distances
-    (the masks of a 3 mm scan rarely enclose the canal on one slice, so the slices above and below count too)."""
-    i, j = np.rint(c).astype(int)
-    if labels[k, j, i] or bodies[k, j, i]:
-        return False
-    sl = slice(max(k - 1, 0), k + 2)
-    body = (bodies[sl] > 0).any(0)
-    post = ((labels[sl] > 0) & (bodies[sl] == 0)).any(0)
-    lat = (labels[sl] > 0).any(0)
-    return (np.isfinite(_sector_distance(body, c, 270, 20, 15, spacing))
-            and np.isfinite(_sector_distance(post, c, 90, 30, 30, spacing))
-            and abs(_sector_distance(lat, c, 0, 30, 20, spacing) - _sector_distance(lat, c, 180, 30, 20, spacing))
-            <= 9.0)
 
 
 def _crop(ct: CTVolume, labels: np.ndarray, z_lo: float, z_hi: float) -> tuple[CTVolume, np.ndarray]:
@@ -321,3 +292,48 @@ def test_contrast_kidneys_and_implant_streaks_do_not_move_the_anchor(variant):
     spine = _numbered_right(T.Transformed(case.ct, case.labels, variant))
     assert spine.t12_body is not None and spine.names[spine.t12_body] == "T12"
     assert labels_near(case.labels, case.ct, spine.chain.bodies[spine.t12_body].centre_lps) & {12, 112}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole method: results.json says how each level was identified, and why nothing was measured
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models():
+    from LumbarBMDLib.regression import RegressionModel
+    from LumbarBMDLib.segmentation import SegmentationModel
+
+    return SegmentationModel.load(device="cpu"), RegressionModel.load(device="cpu")
+
+
+def test_results_say_how_each_real_level_was_identified(models, real):
+    from LumbarBMDLib.pipeline import measure, results_json
+
+    ct, labels, _, _ = real
+    seg, bmd = models
+    result = measure(ct, seg, bmd)
+    res = results_json(result, "real", seg, bmd)
+    assert res["status"] == "ok" and res["level_numbering_anchor"] == "T12 and sacrum"
+    for v in res["vertebrae"]:
+        ident = v["identification"]
+        assert ident["anchor"] == "T12 and sacrum" and ident["count"] == int(v["level"][1])
+        assert ident["source"] == "network" and 0.6 < ident["confidence"] <= 1.0
+        # the measured centre lies in the named TotalSegmentator vertebra
+        names = {TOTALSEG_NAMES[x] for x in labels_near(labels, ct, v["centre_lps"]) if x in TOTALSEG_NAMES}
+        assert v["level"] in names
+    spine = res["spine"]
+    assert spine["anchors"]["T12"]["seen"] and spine["anchors"]["sacrum"]["seen"]
+    assert [b["name"] for b in spine["chain"]] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    assert {r["vertebra"] for r in spine["ribs"]} == {"T12"}
+    assert res["canal"]["slices_found"] >= 40 and res["canal"]["slices_enclosed_by_bone"] < res["canal"]["slices_found"]
+
+
+def test_chest_ct_result_is_failed_with_the_reason_in_words(models):
+    from LumbarBMDLib.pipeline import measure, results_json
+
+    seg, bmd = models
+    result = measure(read_ct(REAL / "chest-ct-negative"), seg, bmd)
+    res = results_json(result, "chest", seg, bmd)
+    assert res["status"] == "failed" and res["mean_bmd_mg_cm3"] is None
+    assert res["error"].startswith("no lumbar vertebra in the field of view")
+    assert not any(v["found"] for v in res["vertebrae"])
+    assert all("no lumbar vertebra in the field of view" in v["reason"] for v in res["vertebrae"])

@@ -1,4 +1,5 @@
-"""Make the README's figures: a phantom next to the real example CT, and `annotate` on the real CT.
+"""Make the README's figures: a phantom next to the real example CT, `annotate` on the real CT, and the vertebral
+chain with its anchors on the real CT and on the real chest CT.
 
 Usage:  python docs/make_figures.py   (writes docs/images/*.png)
 """
@@ -15,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from LumbarBMDLib.annotation import prepare, preview_png
-from LumbarBMDLib.figures import LEVEL_COLOURS, WINDOW_HU
+from LumbarBMDLib.figures import LEVEL_COLOURS, WINDOW_HU, draw_chain
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.sagittal import ANNOTATION_SLICES, mean_sagittal_image, sagittal_geometry
 from LumbarBMDLib.volume import read_ct, reorient_to_lps
@@ -79,7 +80,20 @@ def main() -> None:
     fig.savefig(ROOT / "docs" / "images" / "phantom_annotation.png", dpi=80)
     plt.close(fig)
     # the annotate step on the real CT: annotation image with the detected canal, and the axial slice
-    preview_png(prepare(real), ROOT / "docs" / "images" / "annotation_real.png")
+    prepared = prepare(real)
+    preview_png(prepared, ROOT / "docs" / "images" / "annotation_real.png")
+    # the chain and its anchors found on the real CT (T12 … S1) and on the real chest CT (no lumbar vertebra)
+    chest = prepare(read_ct(REAL.parent / "chest-ct-negative"))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 6.2), gridspec_kw={"width_ratios": [1.0, 1.4, 1.0, 1.4]})
+    draw_chain(axes[:2], prepared.spine)
+    draw_chain(axes[2:], chest.spine)
+    axes[0].set_title("real abdominal CT (3 mm): chain", fontsize=9)
+    axes[2].set_title("real chest CT (5 mm): chain", fontsize=9)
+    fig.suptitle("Levels identified on the CT: discs (yellow) between endplates, ribs (red) leaving the spine, "
+                 "sacrum (cyan) joined to the ilia", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "images" / "chain_real.png", dpi=80)
+    plt.close(fig)
     print(out)
 
 

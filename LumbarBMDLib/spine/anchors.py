@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from LumbarBMDLib.spine.chain import VertebralChain
+from LumbarBMDLib.spine.chain import VertebralChain, metal_planes
 from LumbarBMDLib.spine.frame import Straightened
 from LumbarBMDLib.volume import CTVolume
 
@@ -47,6 +47,7 @@ RIB_MIN_VOLUME_MM3 = 150.0
 RIB_THRESHOLDS_HU = (BONE_HU, 220.0)  # bone followed at each (see find_ribs)
 RIB_SAME_MM = 8.0
 METAL_HU = 2500.0  # titanium and steel implants (and their streaks' cores); no bone reaches it
+RIB_METAL_MM = 10.0  # no rib leaves the spine within this of a plane with metal in or beside the vertebra
 RIB_EDGE_MM = 8.0  # an origin this close to the scan's first or last plane may be a rib cut by the scan's edge
 SACRUM_BONE_HU = 100.0  # alae of the elderly are low in density (cancellous 100–200 HU at 3 mm); soft tissue ≤ 70
 SACRUM_PIXEL_MM = 1.5
@@ -144,7 +145,7 @@ def _zone_of(chain: VertebralChain, s_mm: float) -> int | None:
     return None
 
 
-def find_ribs(band: Straightened, chain: VertebralChain) -> list[Rib]:
+def find_ribs(band: Straightened, chain: VertebralChain, volume: CTVolume | None = None) -> list[Rib]:
     """Ribs leaving the spine (see the module docstring), each assigned to the chain body at its origin.
 
     Bone is followed at two thresholds, ``RIB_THRESHOLDS_HU``: at 150 HU a thin rib of a 3–5 mm scan stays whole; at
@@ -153,19 +154,23 @@ def find_ribs(band: Straightened, chain: VertebralChain) -> list[Rib]:
     """
     found: list[Rib] = []
     for threshold in RIB_THRESHOLDS_HU:
-        for rib in _ribs_at(band, chain, threshold):
+        for rib in _ribs_at(band, chain, threshold, volume):
             if not any(r.side == rib.side and abs(r.medial_s_mm - rib.medial_s_mm) < RIB_SAME_MM for r in found):
                 found.append(rib)
     return sorted(found, key=lambda r: r.medial_s_mm)
 
 
-def _ribs_at(band: Straightened, chain: VertebralChain, threshold_hu: float) -> list[Rib]:
+def _ribs_at(band: Straightened, chain: VertebralChain, threshold_hu: float, band_volume: CTVolume | None
+             ) -> list[Rib]:
     from skimage.segmentation import watershed
 
     u, a = band.u_mm, band.a_mm
     values = np.nan_to_num(band.values, nan=-1000.0)
     bone = (values > threshold_hu) & (np.abs(u) >= RIB_MEDIAL_MM)[None, None, :]
     metal = values >= METAL_HU
+    # streaks radiate in the plane of the metal: no rib is trusted within RIB_METAL_MM of a plane with an implant
+    implant = metal_planes(chain.frame, band_volume, (-40.0, 60.0), 40.0, RIB_METAL_MM) if band_volume is not None \
+        else np.zeros(chain.frame.n, bool)
     full = np.ones((3, 3, 3), bool)
     medial = bone & (np.abs(u) <= RIB_MEDIAL_MM + 4.0)[None, None, :]
     origins, n_origins = ndimage.label(medial, structure=full)
@@ -206,6 +211,8 @@ def _ribs_at(band: Straightened, chain: VertebralChain, threshold_hu: float) -> 
         at_origin = origins[ks, ja, iu] == m
         s_med = float(band.s_mm[ks[at_origin]].mean())
         if not first <= s_med <= last:  # a rib entering at the scan's edge: where it leaves the spine is not seen
+            continue
+        if implant[chain.frame.plane_at(s_med)]:
             continue
         a_med = float(a[ja[at_origin]].mean())
         u_med = float(u[iu[at_origin]].mean())
@@ -328,7 +335,7 @@ def find_anchors(volume: CTVolume, chain: VertebralChain) -> Anchors:
 
     t0 = time.perf_counter()
     band = rib_band(volume, chain)
-    ribs = find_ribs(band, chain)
+    ribs = find_ribs(band, chain, volume)
     t1 = time.perf_counter()
     sacrum = find_sacrum(volume, chain)
     sides: list[set[str]] = [set() for _ in chain.bodies]

@@ -17,7 +17,9 @@ between two close endplate peaks** of the column's profile, whatever the density
    depth minus ``DISC_COST``; consecutive discs are one vertebral pitch apart (hard limits ``PITCH_LIMITS_MM``, a
    soft prior ``PITCH_PRIOR_MM``) and consecutive pitches change smoothly (``PITCH_CHANGE_WEIGHT`` × log-ratio²),
    so a basivertebral vein, a bone island or a Schmorl node inside a body does not split it, and a fractured or a
-   transitional body is still one body.
+   transitional body is still one body. No disc is placed on a plane with metal in the body, and beside screws and
+   rods only a valley of a disc's usual depth counts (an implant's streaks make far deeper ones); the evidence is
+   normalised by a typical disc.
 4. **Bodies** lie between consecutive discs, and between a disc and the scan's edge (marked as cut) when that piece
    holds bone (the 90th percentile of its column ≥ ``BODY_BONE_HU``).
 """
@@ -46,6 +48,9 @@ PROFILE_SMOOTH_MM = 0.7
 MIN_VALLEY = 0.12  # peaks of the normalised valley below this are not disc candidates
 VALLEY_SCALE_MIN_HU = 40.0  # the valley's normalisation (:func:`valley_scale`) is at least this
 PROFILE_MAX_HU = 1000.0  # the column profile is clipped here (dense cortex ≤ 1000 HU; metal is far brighter)
+METAL_HU = 2500.0  # titanium and steel implants; no bone reaches it
+STEP_MM_FRAME = 1.0  # (the frame's plane spacing)
+METAL_VALLEY_RATIO = 2.0  # beside metal, a valley deeper than this × a typical disc's is a streak
 DISC_COST = 0.25  # a chosen disc scores its normalised valley minus this
 PITCH_LIMITS_MM = (15.0, 58.0)  # disc-to-disc distance: upper thoracic ≈ 18 mm … lumbar ≤ 45 mm (+ margin)
 PITCH_PRIOR_MM = (19.0, 48.0)  # no cost inside, quadratic outside (scale PITCH_PRIOR_SCALE_MM)
@@ -95,7 +100,9 @@ class VertebralBody:
         top_s_mm / bottom_s_mm: its extent along the column (mm): endplate peaks, or the scan's edge.
         centre_lps: LPS point (mm) of its centre (mid-height, on the column's centre).
         column_a_mm / lateral_u_mm: the centre in frame coordinates (mm in front of / left of the canal).
-        cut_above / cut_below: whether the scan's edge cuts it (no disc found on that side).
+        cut_above / cut_below: whether the scan's edge cuts it (no disc found on that side, and the scan ends there).
+        open_above / open_below: whether the chain ends at it on that side without a disc (cut by the scan, or where
+            the frame stopped following the spine).
         bone_hu: 90th percentile of the column's HU inside it (cortex, endplates).
         width_mm / depth_mm: size of its mid-height cross-section (mm).
         zone_top_s_mm / zone_bottom_s_mm: its zone along the column: from the centre of the disc above to the centre
@@ -114,6 +121,8 @@ class VertebralBody:
     depth_mm: float = 0.0
     zone_top_s_mm: float = 0.0
     zone_bottom_s_mm: float = 0.0
+    open_above: bool = False
+    open_below: bool = False
 
     @property
     def height_mm(self) -> float:
@@ -127,8 +136,8 @@ class VertebralBody:
 
     @property
     def complete(self) -> bool:
-        """Both endplates in view."""
-        return not (self.cut_above or self.cut_below)
+        """Both endplates found (a disc on both sides)."""
+        return not (self.open_above or self.open_below)
 
 
 @dataclass
@@ -225,6 +234,16 @@ def _window_max(p: np.ndarray, half: int, before: bool) -> np.ndarray:
     q = np.r_[pad, p] if before else np.r_[p, pad]
     win = np.lib.stride_tricks.sliding_window_view(q, half + 1)
     return win.max(axis=1)
+
+
+def metal_planes(frame: SpineFrame, volume: CTVolume, a_range_mm: tuple[float, float] = (5.0, 50.0),
+                 half_width_mm: float = 15.0, margin_mm: float = 0.0) -> np.ndarray:
+    """Bool ``(n_planes,)``: planes with metal (≥ ``METAL_HU``) in the given part of the cross-section (default: the
+    vertebral body in front of the canal, where pedicle screws and cages end), dilated by ``margin_mm``."""
+    st = frame.straighten(volume, a_range_mm, (-half_width_mm, half_width_mm), step_mm=2.0)
+    hit = (np.nan_to_num(st.values, nan=-1000.0) >= METAL_HU).any(axis=(1, 2))
+    steps = int(round(margin_mm / STEP_MM_FRAME))
+    return ndimage.binary_dilation(hit, iterations=steps) if steps else hit
 
 
 def valley_scale(raw: np.ndarray, valid: np.ndarray) -> float:
@@ -390,7 +409,11 @@ def find_chain(volume: CTVolume, canal: CanalResult, frame: SpineFrame | None = 
     m = column.values[:, :, 0]
     ac = column_centre(m, column.a_mm, valid)
     raw, tilt, profiles = disc_evidence(m, column.a_mm, ac, valid)
-    scale = valley_scale(raw, valid)
+    # an implant's streaks make valleys of their own: none is a disc on a plane with metal in the body (a screw), and
+    # beside screws and rods only a valley of a disc's usual depth is (the streaks' are far deeper)
+    near_metal = metal_planes(frame, volume, (-40.0, 60.0), 40.0)
+    scale = valley_scale(np.where(near_metal, 0.0, raw), valid)
+    raw[metal_planes(frame, volume) | (near_metal & (raw > METAL_VALLEY_RATIO * scale))] = 0.0
     valley = np.clip(raw / scale, 0.0, 1.5) * valid
     picks = choose_discs(valley, column.step_mm)
     discs = [_disc_from_peak(frame, column, ac, profiles, valley, tilt, int(p)) for p in picks]
@@ -407,8 +430,12 @@ def _bodies_between(frame: SpineFrame, volume: CTVolume, column: Straightened, a
     if len(inside) == 0:
         return []
     first, last = float(s[inside[0]]), float(s[inside[-1]])
-    edges = [(first, True, first)] + [(d.bottom_s_mm, False, d.s_mm) for d in discs]
-    ends = [(d.top_s_mm, False, d.s_mm) for d in discs] + [(last, True, last)]
+    # a piece at an end of the chain is cut by the scan when the planes beyond it leave the scan (or the frame ends
+    # at the scan's edge); where the frame only stopped following the spine, the chain ends but the scan does not
+    cut_first = inside[0] > 0 or frame.top_at_scan
+    cut_last = inside[-1] < len(s) - 1 or frame.bottom_at_scan
+    edges = [(first, cut_first, first)] + [(d.bottom_s_mm, False, d.s_mm) for d in discs]
+    ends = [(d.top_s_mm, False, d.s_mm) for d in discs] + [(last, cut_last, last)]
     m = column.values[:, :, 0]
     bodies = []
     for (top, cut_top, zone_top), (bottom, cut_bottom, zone_bottom) in zip(edges, ends, strict=True):
@@ -421,10 +448,12 @@ def _bodies_between(frame: SpineFrame, volume: CTVolume, column: Straightened, a
         vals = m[sel][rows]
         vals = vals[np.isfinite(vals)]
         bone = float(np.percentile(vals, 90)) if len(vals) else -1000.0
-        if (cut_top or cut_bottom) and bone < BODY_BONE_HU:
+        at_end = zone_top == first or zone_bottom == last
+        if at_end and bone < BODY_BONE_HU:
             continue
-        if cut_top or cut_bottom:  # at the scan's edge the piece ends where its bone ends (not in the soft tissue)
-            top, bottom = _bone_extent(s, m, column.a_mm, ac, valid, top, bottom, cut_top, cut_bottom)
+        if at_end:  # at an end of the chain the piece ends where its bone ends (not in the soft tissue)
+            top, bottom = _bone_extent(s, m, column.a_mm, ac, valid, top, bottom, zone_top == first,
+                                       zone_bottom == last)
             if bottom - top < MIN_BODY_MM:
                 continue
         mid = 0.5 * (top + bottom)
@@ -433,5 +462,5 @@ def _bodies_between(frame: SpineFrame, volume: CTVolume, column: Straightened, a
         u_c, width, depth = _cross_section(frame, volume, plane, float(ac[i_mid]))
         centre = frame.points(plane, ac[i_mid], u_c)
         bodies.append(VertebralBody(top, bottom, centre, float(ac[i_mid]), u_c, cut_top, cut_bottom, bone, width,
-                                    depth, zone_top, zone_bottom))
+                                    depth, zone_top, zone_bottom, zone_top == first, zone_bottom == last))
     return bodies

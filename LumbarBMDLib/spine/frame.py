@@ -28,7 +28,8 @@ STEP_MM = 1.0  # spacing of the frame's planes along the centre line
 SMOOTH_MM = 10.0  # σ of the centre line's smoothing: removes the per-slice jitter of the centres (≈ 1 mm) and keeps
 # the spine's curves (lordosis, lumbosacral angle: radius of curvature ≥ 100 mm)
 TANGENT_SMOOTH_MM = 4.0  # σ of the tangent's smoothing
-EXTEND_MM = 60.0  # the frame continues this far beyond the canal's found ends (inside the scan)
+EXTEND_MM = 80.0  # the frame continues this far beyond the canal's found ends (inside the scan): the canal may be lost
+# for two vertebrae (an implant's streaks, the sacrum's flat canal) and the bodies there still belong to the chain
 TREND_MM = 30.0  # ... in the direction of its last this-many mm
 
 
@@ -67,6 +68,8 @@ class SpineFrame:
         lateral: ``(n, 3)`` unit vectors toward the patient's left (⊥ tangent).
         anterior: ``(n, 3)`` unit vectors toward the patient's front (⊥ tangent, ⊥ lateral).
         measured: ``(n,)`` True where the line comes from found canal centres, False where it was extended.
+        top_at_scan / bottom_at_scan: whether the frame's first / last plane lies at the scan's edge (else the
+            frame ends because the extension stopped, inside the scan).
     """
 
     s_mm: np.ndarray
@@ -75,6 +78,8 @@ class SpineFrame:
     lateral: np.ndarray
     anterior: np.ndarray
     measured: np.ndarray
+    top_at_scan: bool = True
+    bottom_at_scan: bool = True
 
     @property
     def n(self) -> int:
@@ -135,6 +140,8 @@ def spine_frame(volume: CTVolume, canal: CanalResult) -> SpineFrame:
 
     below = np.arange(max(z_lo, zz[0] - EXTEND_MM), zz[0] - 0.5, 1.0)
     above = np.arange(zz[-1] + 1.0, min(z_hi, zz[-1] + EXTEND_MM) + 1e-6, 1.0)
+    bottom_at_scan = zz[0] - EXTEND_MM <= z_lo + 1.0
+    top_at_scan = zz[-1] + EXTEND_MM >= z_hi - 1.0
     xy_below = xy[0] + (below[:, None] - zz[0]) * trend(zz <= zz[0] + TREND_MM)
     xy_above = xy[-1] + (above[:, None] - zz[-1]) * trend(zz >= zz[-1] - TREND_MM)
     line = np.r_[np.c_[xy_below, below], np.c_[xy, zz], np.c_[xy_above, above]][::-1]  # superior → inferior
@@ -151,4 +158,4 @@ def spine_frame(volume: CTVolume, canal: CanalResult) -> SpineFrame:
     lateral /= np.linalg.norm(lateral, axis=1, keepdims=True)
     anterior = np.cross(tangent, lateral)
     anterior *= -np.sign(anterior[:, 1:2] + 1e-12)  # anterior is −y (LPS +y is posterior)
-    return SpineFrame(s, centre, tangent, lateral, anterior, measured)
+    return SpineFrame(s, centre, tangent, lateral, anterior, measured, top_at_scan, bottom_at_scan)

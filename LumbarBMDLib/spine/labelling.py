@@ -30,6 +30,7 @@ FOREGROUND_PROBABILITY = 0.5  # a pixel is vertebral body when the fused probabi
 MIN_AREA_MM2 = 150.0  # as segmentation_post: a lumbar body's mid-sagittal section covers several hundred mm²
 REGION_A_MM = (3.0, 80.0)  # a body's region: from just in front of the canal's centre to beyond the largest body
 OUTLINE_BONE_HU = 100.0  # classical outline: spongiosa and cortex (soft tissue ≤ 70 HU), holes filled
+OUTLINE_DISK_MM = 10.0  # … and when even that finds nothing (metal, a collapsed body), a disk at the body's centre
 DROP_OVERLAP = 0.5  # a foreground segment with less than this inside any L1–L4 region is dropped
 _EIGHT = np.ones((3, 3), bool)
 
@@ -116,6 +117,13 @@ def _largest(mask: np.ndarray) -> np.ndarray:
     return comps == int(np.argmax(sizes)) + 1
 
 
+def _disk_at(geometry: SagittalGeometry, centre_lps: np.ndarray, radius_mm: float) -> np.ndarray:
+    """A disk of ``radius_mm`` on the sagittal plane around the projection of ``centre_lps``."""
+    col, row, _ = geometry.lps_to_pixel(np.asarray(centre_lps, dtype=float))
+    rows, cols = np.ogrid[: geometry.size, : geometry.size]
+    return ((rows - row) ** 2 + (cols - col) ** 2) * geometry.pixel_mm**2 <= radius_mm**2
+
+
 def classical_outline(image_hu: np.ndarray, region: np.ndarray, a: np.ndarray, column_a_mm: float) -> np.ndarray:
     """The body on the sagittal image from the anatomy alone: inside its region and within the body's depth around
     the column's centre (``column_a_mm`` ± its distance to the canal's front), the pixels of bone (≥
@@ -167,11 +175,9 @@ def anatomical_labels(fused: np.ndarray, geometry: SagittalGeometry, ident: Spin
             mask = classical_outline(image_hu, region, a, chain.bodies[lv.body].column_a_mm)
             area = float(mask.sum() * pixel_area)
             source = "classical outline"
-            if area < MIN_AREA_MM2:
-                levels.append(AnatomicalLevel(lv.level, False, reason=(
-                    f"not found: {lv.level} was identified on the CT but neither the network nor the anatomy "
-                    "outlines its body on the sagittal plane"), body=lv.body))
-                continue
+            if area < MIN_AREA_MM2:  # (metal, a collapsed body): a disk at the body's centre, for the patch's checks
+                mask = _disk_at(geometry, chain.bodies[lv.body].centre_lps, OUTLINE_DISK_MM)
+                area = float(mask.sum() * pixel_area)
         labels[mask & (labels == 0)] = value
         votes = np.bincount(network_class[mask & foreground], minlength=5)[1:]
         net = LEVEL_NAMES[int(np.argmax(votes))] if votes.sum() else None

@@ -338,10 +338,15 @@ def number_chain(chain: VertebralChain, anchors: Anchors) -> SpineIdentification
         body = chain.bodies[idx]
         ref = _reference_height(chain, idx)
         measurable, reason = True, ""
-        if not body.complete and body.height_mm < MIN_VISIBLE_FRACTION * ref:
+        short = body.height_mm < MIN_VISIBLE_FRACTION * ref
+        if short and (body.cut_above or body.cut_below):
             measurable = False
             reason = (f"only partly in the field of view: the scan cuts {name} ({body.height_mm:.0f} of about "
                       f"{ref:.0f} mm in view); not measured")
+        elif short and not body.complete:
+            measurable = False
+            reason = (f"not measured: the vertebral chain ends in {name} ({body.height_mm:.0f} of about {ref:.0f} mm "
+                      "followed; the spine could not be followed beyond it, e.g. beside an implant)")
         levels.append(LevelIdentity(name, idx, True, measurable, anchor, count, base * factor, reason))
         faint = faint or factor < FAINT_FACTOR
     # a vertebra far taller than its neighbours holds two (a disc that was not seen): every level counted across it
