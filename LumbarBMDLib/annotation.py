@@ -26,10 +26,10 @@ import numpy as np
 
 from LumbarBMDLib.canal import CanalResult, find_canal
 from LumbarBMDLib.sagittal import (
-    SAGITTAL_SIZE,
     ANNOTATION_SLICES,
     CANDIDATE_SLICES,
     SAGITTAL_PIXEL_MM,
+    SAGITTAL_SIZE,
     SAGITTAL_STEP_MM,
     SagittalImages,
     sagittal_centre_yz,

@@ -502,7 +502,7 @@ def track_canal(volume: CTVolume, ks: np.ndarray, ij: np.ndarray) -> tuple[np.nd
     mm_per_index = np.array([sx, sy])
 
     def contour(k: int, prior: np.ndarray) -> _Contour | None:
-        i0, j0 = int(round(prior[0])) - half[0], int(round(prior[1])) - half[1]
+        i0, j0 = round(float(prior[0])) - half[0], round(float(prior[1])) - half[1]
         if i0 < 0 or j0 < 0 or i0 + 2 * half[0] + 1 > nx or j0 + 2 * half[1] + 1 > ny:
             return None
         crop = volume.hu[k, j0 : j0 + 2 * half[1] + 1, i0 : i0 + 2 * half[0] + 1].astype(np.float32)

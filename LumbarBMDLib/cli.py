@@ -156,9 +156,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """Canal, sagittal candidates and L1–L4 segmentation of a CT."""
     from LumbarBMDLib.annotation import prepare
     from LumbarBMDLib.segmentation import SegmentationModel, segment, segmentation_json, write_segmentation
-    from LumbarBMDLib.volume import read_ct
-
     from LumbarBMDLib.spine.labelling import anatomical_labels, as_segmentation_result
+    from LumbarBMDLib.volume import read_ct
 
     model = SegmentationModel.load(args.model, device=args.device)
     ann = prepare(read_ct(args.input))

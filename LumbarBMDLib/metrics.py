@@ -162,8 +162,8 @@ def _first_hit_mm(mask: np.ndarray, centre_ij, centre_deg: float, half_deg: floa
     best = math.inf
     for a in np.deg2rad(np.arange(centre_deg - half_deg, centre_deg + half_deg + 1e-6, 7.5)):
         for t in np.arange(0.5, max_mm, 0.5):
-            i = int(round(centre_ij[0] + np.cos(a) * t / spacing_xy[0]))
-            j = int(round(centre_ij[1] + np.sin(a) * t / spacing_xy[1]))
+            i = round(float(centre_ij[0] + np.cos(a) * t / spacing_xy[0]))
+            j = round(float(centre_ij[1] + np.sin(a) * t / spacing_xy[1]))
             if not (0 <= j < mask.shape[0] and 0 <= i < mask.shape[1]):
                 break
             if mask[j, i]:
@@ -185,7 +185,7 @@ def inside_vertebral_canal(vertebrae: np.ndarray, bodies: np.ndarray, k: int, ce
         bodies: same grid, > 0 on vertebral bodies and discs.
         k: axial slice; centre_ij: the point's (i, j); spacing_xy: pixel size (mm).
     """
-    i, j = (int(round(float(v))) for v in centre_ij[:2])
+    i, j = (round(float(v)) for v in centre_ij[:2])
     if vertebrae[k, j, i] or bodies[k, j, i]:
         return False
     near = slice(max(k - 1, 0), k + 2)

@@ -126,7 +126,7 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
     annotation = prepare(volume)
     t1 = time.perf_counter()
     _report(progress, "segment")
-    seg = segment(seg_model, annotation.images, annotation.canal.mean_centre_lps)
+    seg = segment(seg_model, annotation.images, annotation.canal.mean_centre_lps, lumbar_rows(annotation))
     t2 = time.perf_counter()
     _report(progress, "regress")
     anatomical = anatomical_labels(seg.probabilities, seg.geometry, annotation.spine, annotation.images.annotation_hu)
@@ -140,6 +140,29 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
     return CaseResult(annotation, seg, anatomical.labels, anatomical.geometry, locations, patches, levels, mean,
                       category, transform, calibration, timings, annotation.spine.anchor, anatomical,
                       case_flags(annotation.spine, anatomical))
+
+
+#: The network runs on the rows of the identified L1–L4 and this margin above and below (its receptive field near
+#: the bodies is then the same as on the whole image).
+NETWORK_ROW_MARGIN_MM = 48.0
+
+
+def lumbar_rows(annotation: Annotation) -> tuple[int, int] | None:
+    """The sagittal image rows (first, last + 1) from the top of L1's zone to the bottom of L4's, ± the margin;
+    None (every row) when no level is identified."""
+    spine = annotation.spine
+    if spine is None or not spine.numbered:
+        return None
+    bodies = [spine.chain.bodies[lv.body] for lv in spine.levels if lv.identified and lv.body is not None]
+    if not bodies:
+        return None
+    geom = annotation.images.candidate_geometry
+    frame = spine.chain.frame
+    pts = [frame.points(frame.plane_at(s_), b.column_a_mm, 0.0) for b in bodies for s_ in (b.zone_top_s_mm,
+                                                                                           b.zone_bottom_s_mm)]
+    rows = geom.lps_to_pixel(np.array(pts))[:, 1]
+    margin = NETWORK_ROW_MARGIN_MM / geom.pixel_mm
+    return int(np.floor(rows.min() - margin)), int(np.ceil(rows.max() + margin)) + 1
 
 
 def _locations(anatomical: AnatomicalSegmentation, annotation: Annotation, volume: CTVolume) -> list[LevelLocation]:

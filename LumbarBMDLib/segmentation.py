@@ -74,24 +74,46 @@ def window_columns(images: SagittalImages, canal_mean_lps: np.ndarray | None) ->
     return network_window(float(col), size)
 
 
+#: The network's input rows are a multiple of this (its four 2 × 2 max-pools).
+ROW_MULTIPLE = 16
+
+
+def window_rows(rows: tuple[int, int] | None, size: int) -> tuple[int, int]:
+    """``rows`` (first, last + 1) grown to a multiple of ``ROW_MULTIPLE`` inside the image; all rows when None."""
+    if rows is None:
+        return 0, size
+    r0, r1 = max(0, int(rows[0])), min(size, int(rows[1]))
+    extra = (-(r1 - r0)) % ROW_MULTIPLE
+    r0 = max(0, r0 - extra // 2)
+    r1 = min(size, r0 + (r1 - r0) + extra)
+    r0 = max(0, r1 - ((r1 - r0 + ROW_MULTIPLE - 1) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    return r0, r1
+
+
 @torch.inference_mode()
 def candidate_probabilities(model: SegmentationModel, images: SagittalImages,
-                            canal_mean_lps: np.ndarray | None = None) -> np.ndarray:
-    """Softmax probabilities of the 10 candidates, float32 ``(10, 5, 512, 512)`` (background outside the window)."""
+                            canal_mean_lps: np.ndarray | None = None, rows: tuple[int, int] | None = None
+                            ) -> np.ndarray:
+    """Softmax probabilities of the 10 candidates, float32 ``(10, 5, 512, 512)`` (background outside the window).
+
+    ``rows`` restricts the network to those image rows (e.g. the identified L1–L4 with a margin: the network is
+    fully convolutional, and the time falls with the rows).
+    """
     x = images.network_input()
     c0, c1 = window_columns(images, canal_mean_lps)
-    logits = model.network(torch.from_numpy(np.ascontiguousarray(x[..., c0:c1])).to(model.device))
+    r0, r1 = window_rows(rows, x.shape[2])
+    logits = model.network(torch.from_numpy(np.ascontiguousarray(x[:, :, r0:r1, c0:c1])).to(model.device))
     probs = torch.softmax(logits, dim=1).cpu().numpy()
     full = np.zeros((x.shape[0], probs.shape[1], *x.shape[2:]), np.float32)
     full[:, 0] = 1.0
-    full[..., c0:c1] = probs
+    full[:, :, r0:r1, c0:c1] = probs
     return full
 
 
-def segment(model: SegmentationModel, images: SagittalImages, canal_mean_lps: np.ndarray | None = None
-            ) -> SegmentationResult:
+def segment(model: SegmentationModel, images: SagittalImages, canal_mean_lps: np.ndarray | None = None,
+            rows: tuple[int, int] | None = None) -> SegmentationResult:
     """Segment L1–L4 on the candidates; the result lies on the candidates' central plane (exact LPS mapping)."""
-    fused = fuse_probabilities(candidate_probabilities(model, images, canal_mean_lps))
+    fused = fuse_probabilities(candidate_probabilities(model, images, canal_mean_lps, rows))
     return postprocess(fused, images.candidate_geometry.central_plane())
 
 

@@ -83,7 +83,8 @@ def test_real_canal_found_on_most_lumbar_slices_and_inside_the_canal(real):
     inside = [inside_vertebral_canal(labels, bodies, k, found[k][:2], ct.spacing) for k in on_lumbar]
     assert np.mean(inside) >= 0.95, [k for k, ok in zip(on_lumbar, inside, strict=True) if not ok]
     # the reference rejects points that are not in the canal: 15 mm in front lies in the body
-    shifted = [inside_vertebral_canal(labels, bodies, k, found[k][:2] + [0.0, -15.0 / ct.spacing[1]], ct.spacing)
+    shifted = [inside_vertebral_canal(labels, bodies, k, found[k][:2] + np.array([0.0, -15.0 / ct.spacing[1]]),
+                                      ct.spacing)
                for k in on_lumbar]
     assert np.mean(shifted) < 0.1
     # the sagittal plane is the median over L1–L4 and passes through the lumbar bodies' midline
@@ -129,7 +130,7 @@ def test_real_scan_without_ribs_is_counted_from_the_sacrum(real):
 def test_real_scan_cut_through_l3_reports_l1_l2_and_says_l3_l4_are_out_of_view(real):
     ct, labels, _, _ = real
     lo, hi = _z_range(ct, labels, 29)  # L3
-    cut, cut_labels = _crop(ct, labels, 0.5 * (lo + hi) + 4.0, 1e9)  # the scan ends in the upper half of L3
+    cut, _ = _crop(ct, labels, 0.5 * (lo + hi) + 4.0, 1e9)  # the scan ends in the upper half of L3
     spine = prepare(cut).spine
     assert spine.anchor == "T12"
     assert spine.level("L1").measurable and spine.level("L2").measurable

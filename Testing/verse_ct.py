@@ -10,6 +10,7 @@ so T12 is the last rib-bearing vertebra, as in this subject. Noise (SD 15 HU) an
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ def _add_ribs(hu: np.ndarray, labels: np.ndarray, ct: CTVolume) -> None:
             i1, j1, k1 = min(i1, hu.shape[2] - 1), min(j1, hu.shape[1] - 1), min(k1, hu.shape[0] - 1)
             kk, jj, ii = np.meshgrid(np.arange(k0, k1 + 1), np.arange(j0, j1 + 1), np.arange(i0, i1 + 1), indexing="ij")
             box = ct.index_to_lps(np.c_[ii.ravel(), jj.ravel(), kk.ravel()].astype(float))
-            dist = np.min([_segment_distance(box, p0, p1) for p0, p1 in zip(path[:-1], path[1:], strict=True)],
+            dist = np.min([_segment_distance(box, p0, p1) for p0, p1 in itertools.pairwise(path)],
                           axis=0).reshape(kk.shape)
             region = hu[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]
             free = labels[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] == 0

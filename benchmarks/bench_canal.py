@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
-import numpy as np
-
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from LumbarBMDLib.canal import find_canal
@@ -54,7 +52,8 @@ def speed(repeats: int) -> None:
 
 def accuracy(n_seeds: int, size: str) -> None:
     rings, tracked, rows, found_share = [], [], [], []
-    print(f"{'case':<22}{'found/truth':>12}{'ring <=2':>9}{'tracked <=2':>12}{'<=4':>6}{'max mm':>8}{'drift':>7}{'s':>6}")
+    print(f"{'case':<22}{'found/truth':>12}{'ring <=2':>9}{'tracked <=2':>12}{'<=4':>6}{'max mm':>8}{'drift':>7}"
+          f"{'s':>6}")
     for seed in range(n_seeds):
         variant = VARIANTS[seed % len(VARIANTS)]
         for vendor in "ABC":
@@ -83,7 +82,8 @@ def accuracy(n_seeds: int, size: str) -> None:
           f"slices (median; {100 * min(found_share):.0f}–{100 * max(found_share):.0f} %)")
     print(f"  bone-enclosed centres ({len(r)}): {100 * np.mean(r <= 2.0):.2f} % within 2 mm, median "
           f"{np.median(r):.2f} mm, 99th percentile {np.percentile(r, 99):.2f} mm")
-    print(f"  tracked centres ({len(tr)}): {100 * np.mean(tr <= 2.0):.2f} % within 2 mm, {100 * np.mean(tr <= 4.0):.2f} % "
+    print(f"  tracked centres ({len(tr)}): {100 * np.mean(tr <= 2.0):.2f} % within 2 mm, "
+          f"{100 * np.mean(tr <= 4.0):.2f} % "
           f"within 4 mm, median {np.median(tr):.2f} mm, 99th percentile {np.percentile(tr, 99):.2f} mm")
     for vendor in "ABC":
         e = np.concatenate([x for x, (v, _) in zip(rings, rows, strict=True) if v == vendor])

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from LumbarBMDLib.annotation import prepare
 from LumbarBMDLib.metrics import is_valid_case, segmentation_metrics, summarise
 from LumbarBMDLib.phantom import generate_case
+from LumbarBMDLib.pipeline import lumbar_rows
 from LumbarBMDLib.sagittal import ANNOTATION_SLICES, sagittal_label_image
 from LumbarBMDLib.segmentation import SegmentationModel, segment
 from LumbarBMDLib.spine.labelling import anatomical_labels, as_segmentation_result
@@ -42,7 +43,7 @@ def run_case(model, ct):
     """Canal, chain and sagittal candidates, the network, and the anatomical labels (as the pipeline does)."""
     ann = prepare(ct)
     t = time.perf_counter()
-    network = segment(model, ann.images, ann.canal.mean_centre_lps)
+    network = segment(model, ann.images, ann.canal.mean_centre_lps, lumbar_rows(ann))  # as the pipeline
     elapsed = time.perf_counter() - t
     anatomical = anatomical_labels(network.probabilities, network.geometry, ann.spine, ann.images.annotation_hu)
     return ann, network, as_segmentation_result(anatomical, network.probabilities), elapsed

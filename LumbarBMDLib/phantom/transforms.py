@@ -108,7 +108,7 @@ def damage_slice(case: PhantomCase, level: str = "L3", where: float = 0.0, kind:
     air (``kind="air"``, a dropped slice) or by uniform noise −1000..1000 HU (``kind="noise"``)."""
     value = BODY_LABELS[level]
     ks = np.flatnonzero((case.labels == value).any(axis=(1, 2)))
-    k = int(round(np.mean(ks) + where * (ks.max() - ks.min())))
+    k = round(float(np.mean(ks) + where * (ks.max() - ks.min())))
     hu = case.ct.hu.copy()
     if kind == "air":
         hu[k] = -1024

@@ -273,8 +273,10 @@ def iliac_plates(volume: CTVolume, centre_lps: np.ndarray) -> float:
     step = SACRUM_PIXEL_MM
     z = np.arange(-ILIAC_WINDOW_MM, ILIAC_WINDOW_MM + 1e-6, step)
     n_box = max(1, round(ILIAC_BOX_MM / step))
-    uu = np.arange(ILIAC_U_MM[0], ILIAC_U_MM[1], step)[: (round((ILIAC_U_MM[1] - ILIAC_U_MM[0]) / step) // n_box) * n_box]
-    aa = np.arange(ILIAC_A_MM[0], ILIAC_A_MM[1], step)[: (round((ILIAC_A_MM[1] - ILIAC_A_MM[0]) / step) // n_box) * n_box]
+    def axis(lo: float, hi: float) -> np.ndarray:  # whole boxes only
+        return np.arange(lo, hi, step)[: (round((hi - lo) / step) // n_box) * n_box]
+
+    uu, aa = axis(*ILIAC_U_MM), axis(*ILIAC_A_MM)
     zz, a3, u3 = np.meshgrid(z, aa, uu, indexing="ij")
     mid = len(z) // 2
     runs = []

@@ -242,7 +242,7 @@ def metal_planes(frame: SpineFrame, volume: CTVolume, a_range_mm: tuple[float, f
     vertebral body in front of the canal, where pedicle screws and cages end), dilated by ``margin_mm``."""
     st = frame.straighten(volume, a_range_mm, (-half_width_mm, half_width_mm), step_mm=2.0)
     hit = (np.nan_to_num(st.values, nan=-1000.0) >= METAL_HU).any(axis=(1, 2))
-    steps = int(round(margin_mm / STEP_MM_FRAME))
+    steps = round(margin_mm / STEP_MM_FRAME)
     return ndimage.binary_dilation(hit, iterations=steps) if steps else hit
 
 
@@ -263,7 +263,7 @@ def disc_evidence(m: np.ndarray, a_mm: np.ndarray, ac: np.ndarray, valid: np.nda
     filled = ndimage.gaussian_filter1d(filled, PROFILE_SMOOTH_MM, axis=0)
     depth = np.arange(-PROFILE_HALF_DEPTH_MM, PROFILE_HALF_DEPTH_MM + 1e-6, 1.0)
     rows = np.interp(ac[:, None] + depth[None], a_mm, np.arange(len(a_mm)))  # (n, n_depth)
-    half = int(round(VALLEY_HALF_MM))
+    half = round(VALLEY_HALF_MM)
     best = np.zeros(n, np.float32)
     tilt = np.zeros(n, np.float32)
     profiles = np.empty((len(TILTS_DEG), n), np.float32)
@@ -343,7 +343,7 @@ def _disc_from_peak(frame: SpineFrame, column: Straightened, ac: np.ndarray, pro
                     valley: np.ndarray, tilt: np.ndarray, idx: int) -> Disc:
     th = float(tilt[idx])
     p = profiles[int(np.argmin(np.abs(TILTS_DEG - th)))]
-    half = int(round(VALLEY_HALF_MM))
+    half = round(VALLEY_HALF_MM)
     lo, hi = max(0, idx - half), min(len(p) - 1, idx + half)
     top = lo + int(np.argmax(p[lo : idx + 1]))
     bottom = idx + int(np.argmax(p[idx : hi + 1]))
@@ -358,7 +358,7 @@ def _disc_from_peak(frame: SpineFrame, column: Straightened, ac: np.ndarray, pro
 
 def _cross_section(frame: SpineFrame, volume: CTVolume, plane: int, ac: float) -> tuple[float, float, float]:
     """Lateral centre (mm, left +), width and depth (mm) of the body's cross-section on one plane."""
-    a = np.arange(0.0, ac + 30.0 + 1e-6, 1.0)  # from the canal's front wall (the body's posterior cortex closes the ring)
+    a = np.arange(0.0, ac + 30.0 + 1e-6, 1.0)  # from the canal's front wall: the body's posterior cortex closes it
     u = np.arange(-35.0, 35.0 + 1e-6, 1.0)
     pts = frame.points(plane, a[:, None], u[None, :])
     ijk = volume.lps_to_index(pts.reshape(-1, 3))
