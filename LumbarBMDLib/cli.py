@@ -188,7 +188,8 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
     config = SegTrainingConfig(width=args.width, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.lr, crop=args.crop, crop_rows=args.crop_rows,
                                crops_per_case=args.crops_per_case, val_fraction=args.val_fraction,
-                               seed=args.seed, device=args.device, init=args.init or "")
+                               seed=args.seed, device=args.device, init=args.init or "",
+                               randomise_prob=args.randomise)
     card = train_segmentation(args.data, args.out, config, resume=args.resume, progress=not args.quiet)
     dsc = card["metrics"]["validation_dsc"]
     print("best validation DSC: " + ", ".join(f"{k} {v:.3f}" for k, v in dsc.items()))
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=256, help="training crop width in pixels (multiple of 16)")
     p.add_argument("--crop-rows", type=int, default=384, help="training crop height in pixels (multiple of 16)")
     p.add_argument("--crops-per-case", type=int, default=4, help="random crops per training case and epoch")
+    p.add_argument("--randomise", type=float, default=0.0, metavar="P",
+                   help="probability of each domain randomisation (contrast-filled vessels and heart, bowel gas, "
+                        "enhancing soft tissue, kernel, intensity field) per crop; 0 = off")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -65,6 +65,7 @@ class SegTrainingConfig:
     num_threads: int = 0  # 0: torch's default
     init: str = ""  # start from this model's weights (fine-tuning, e.g. on a site's own annotations)
     scan_cut_prob: float = 0.3  # probability of each scan-range cut (top: through T12/T11, bottom: through the sacrum)
+    randomise_prob: float = 0.0  # probability of domain randomisation per crop (see ``domain_randomisation``)
 
 
 @dataclass
@@ -181,6 +182,66 @@ def scan_range_cut(image: np.ndarray, labels: np.ndarray, rng: np.random.Generat
         cut = round(bottom + rng.uniform(1.6, 3.2) * level_h)
         out[max(cut, 0):] = 0.0
     return out
+
+
+def _hu(value_hu: float) -> float:
+    """A HU value on the network's [0, 1] scale (window [−150, 850] HU)."""
+    lo, hi = WINDOW_HU
+    return (value_hu - lo) / (hi - lo)
+
+
+def domain_randomisation(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, prob: float) -> np.ndarray:
+    """What real CTs show and the phantom does not, added to a training image (``(H, W)`` in [0, 1], a copy).
+
+    With probability ``prob`` each: contrast-filled structures in front of the spine (a heart or liver vessels:
+    1–3 ellipses of 150–450 HU, 8–60 mm, some textured), bowel gas (2–5 dark ellipses), enhancing soft tissue
+    (+10–60 HU on pixels between fat and bone), another reconstruction kernel (unsharp masking) and a smooth
+    multiplicative field (±8 %). The vertebrae (labelled pixels) are never covered: the network must learn that
+    bright things in front of the spine are not vertebral bodies, whatever their HU.
+    """
+    from scipy import ndimage
+
+    out = image.copy()
+    if prob <= 0:
+        return out
+    h, w = out.shape
+    rows, cols = np.nonzero(labels)
+    if rows.size == 0:
+        return out
+    front = cols.min()  # columns run anterior → posterior: in front of the bodies is at smaller columns
+    yy, xx = np.mgrid[0:h, 0:w]
+    px = SAGITTAL_PIXEL_MM
+    spine = ndimage.binary_dilation(labels > 0, iterations=3)
+
+    def ellipse(cy, cx, ry, rx, angle):
+        c, s_ = np.cos(angle), np.sin(angle)
+        dy, dx = yy - cy, xx - cx
+        return ((c * dy + s_ * dx) / ry) ** 2 + ((-s_ * dy + c * dx) / rx) ** 2 <= 1.0
+
+    if rng.random() < prob:  # contrast-filled vessels / heart chambers in front of the spine
+        for _ in range(int(rng.integers(1, 4))):
+            r = rng.uniform(4.0, 30.0) / px
+            cy = rng.uniform(rows.min() - 80, rows.max() + 80)
+            cx = front - rng.uniform(r, r + 120)  # the aorta touches the bodies; the heart lies further forward
+            blob = ellipse(cy, cx, r * rng.uniform(0.6, 1.6), r, rng.uniform(0, np.pi)) & ~spine
+            value = _hu(rng.uniform(150.0, 450.0)) + rng.normal(0.0, 0.02, blob.sum())
+            out[blob] = np.clip(value, 0.0, 1.0)
+    if rng.random() < prob:  # bowel gas
+        for _ in range(int(rng.integers(2, 6))):
+            r = rng.uniform(3.0, 15.0) / px
+            blob = ellipse(rng.uniform(rows.min(), h), front - rng.uniform(r + 10, r + 200), r, r * rng.uniform(0.5, 2.0),
+                           rng.uniform(0, np.pi)) & ~spine
+            out[blob] = 0.0
+    if rng.random() < prob:  # enhancing soft tissue (organs, muscle after contrast)
+        soft = (out > _hu(-50.0)) & (out < _hu(150.0)) & ~spine
+        out[soft] = np.clip(out[soft] + _hu(rng.uniform(10.0, 60.0)) - _hu(0.0), 0.0, 1.0)
+    if rng.random() < prob:  # a sharper kernel
+        blurred = ndimage.gaussian_filter(out, rng.uniform(0.8, 1.6))
+        out = np.clip(out + rng.uniform(0.3, 1.0) * (out - blurred), 0.0, 1.0)
+    if rng.random() < prob:  # a smooth multiplicative field (beam hardening, patient size)
+        field_ = ndimage.zoom(rng.normal(0.0, 1.0, (4, 4)), (h / 4, w / 4), order=3)[:h, :w]
+        out = np.clip(out * (1.0 + 0.08 * field_ / max(np.abs(field_).max(), 1e-6)), 0.0, 1.0)
+    return out.astype(np.float32)
 
 
 def spine_crop(case: SegCase, size: int, rng: np.random.Generator, rows_size: int | None = None
@@ -330,8 +391,9 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
                 xs, ys = [], []
                 for i in order[b : b + config.batch_size]:
                     case = train_cases[i]
-                    cut = SegCase(case.case_id, scan_range_cut(case.image, case.labels, rng, config.scan_cut_prob),
-                                  case.labels)
+                    image = scan_range_cut(case.image, case.labels, rng, config.scan_cut_prob)
+                    image = domain_randomisation(image, case.labels, rng, config.randomise_prob)
+                    cut = SegCase(case.case_id, image, case.labels)
                     img, lab = spine_crop(cut, config.crop, rng, config.crop_rows)
                     d = transforms({"image": img[None].copy(), "label": lab[None].astype(np.float32)})
                     xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
