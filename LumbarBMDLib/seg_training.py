@@ -229,8 +229,8 @@ def domain_randomisation(image: np.ndarray, labels: np.ndarray, rng: np.random.G
     if rng.random() < prob:  # bowel gas
         for _ in range(int(rng.integers(2, 6))):
             r = rng.uniform(3.0, 15.0) / px
-            blob = ellipse(rng.uniform(rows.min(), h), front - rng.uniform(r + 10, r + 200), r, r * rng.uniform(0.5, 2.0),
-                           rng.uniform(0, np.pi)) & ~spine
+            cy, cx = rng.uniform(rows.min(), h), front - rng.uniform(r + 10, r + 200)
+            blob = ellipse(cy, cx, r, r * rng.uniform(0.5, 2.0), rng.uniform(0, np.pi)) & ~spine
             out[blob] = 0.0
     if rng.random() < prob:  # enhancing soft tissue (organs, muscle after contrast)
         soft = (out > _hu(-50.0)) & (out < _hu(150.0)) & ~spine

@@ -76,7 +76,7 @@ def test_network_rows_are_a_multiple_of_16_inside_the_image(rows, size):
     r0, r1 = window_rows(rows, size)
     assert 0 <= r0 < r1 <= size and (r1 - r0) % ROW_MULTIPLE == 0
     if rows is not None:
-        assert r0 <= max(rows[0], 0) and r1 >= min(rows[1], size) or r1 - r0 >= rows[1] - rows[0]
+        assert (r0 <= max(rows[0], 0) and r1 >= min(rows[1], size)) or r1 - r0 >= rows[1] - rows[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def _fused(classes: np.ndarray) -> np.ndarray:
 
 
 def test_segments_are_numbered_by_the_body_they_lie_on(case_and_plane):
-    case, ann, truth = case_and_plane
+    _, ann, truth = case_and_plane
     # a network one level off: it calls T12 "L1", L1 "L2", L2 "L3", L3 "L4", and also marks a blob in the canal
     network = np.zeros_like(truth)
     for said, really in ((1, 12), (2, 1), (3, 2), (4, 3)):
@@ -123,7 +123,7 @@ def test_segments_are_numbered_by_the_body_they_lie_on(case_and_plane):
 
 
 def test_edited_labels_on_one_vertebra_are_refused_and_a_wrong_name_is_flagged(case_and_plane):
-    case, ann, truth = case_and_plane
+    _, ann, truth = case_and_plane
     geom = ann.images.annotation_geometry
     edited = np.zeros_like(truth)
     edited[truth == 1] = 1
