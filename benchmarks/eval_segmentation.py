@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from LumbarBMDLib.annotation import prepare
 from LumbarBMDLib.metrics import is_valid_case, segmentation_metrics, summarise
 from LumbarBMDLib.phantom import generate_case
+from LumbarBMDLib.phantom.transforms import contrast_distractors
 from LumbarBMDLib.pipeline import lumbar_rows
 from LumbarBMDLib.sagittal import ANNOTATION_SLICES, sagittal_label_image
 from LumbarBMDLib.segmentation import SegmentationModel, segment
@@ -58,6 +59,9 @@ def main() -> None:
     parser.add_argument("--vendors", default="ABC")
     parser.add_argument("--variant", default="mixed")
     parser.add_argument("--network", action="store_true", help="also score the network's own numbering")
+    parser.add_argument("--perturb", choices=["none", "distractors"], default="none",
+                        help="add contrast-filled heart and aorta and bowel gas in front of the spine "
+                             "(phantom.transforms.contrast_distractors) to every case")
     args = parser.parse_args()
     model = SegmentationModel.load(args.model, device="auto")
     print(f"model {model.card['architecture']['features']} sha256 {model.sha256[:12]} on {model.device}")
@@ -65,7 +69,8 @@ def main() -> None:
         per_case, per_case_net, times = [], [], []
         for seed in range(args.seed, args.seed + args.cases):
             case = generate_case(seed, vendor, args.size, args.variant)
-            ann, network, result, dt = run_case(model, case.ct)
+            ct = case.ct if args.perturb == "none" else contrast_distractors(case, seed).ct
+            ann, network, result, dt = run_case(model, ct)
             times.append(dt)
             reference = reference_labels(case, ann)
             per_case.append(segmentation_metrics(result.labels, reference))
@@ -74,8 +79,8 @@ def main() -> None:
             if name.startswith("network") and not args.network:
                 continue
             s = summarise(cases)
-            print(f"vendor {vendor} ({args.size}, {args.variant}, {args.cases} cases), {name}: valid "
-                  f"{100 * s['valid_rate']:.1f} %, segmentation {np.median(times):.2f} s median")
+            print(f"vendor {vendor} ({args.size}, {args.variant}, perturb {args.perturb}, {args.cases} cases), {name}: "
+                  f"valid {100 * s['valid_rate']:.1f} %, segmentation {np.median(times):.2f} s median")
             for level, m in s["levels"].items():
                 print(f"  {level}: DSC {m['dsc']['mean']:.3f} ± {m['dsc']['sd']:.3f}  PPV {m['ppv']['mean']:.3f}  "
                       f"sensitivity {m['sensitivity']['mean']:.3f}")

@@ -117,3 +117,50 @@ def damage_slice(case: PhantomCase, level: str = "L3", where: float = 0.0, kind:
     ct = CTVolume(hu=hu, spacing=case.ct.spacing, origin=case.ct.origin, direction=case.ct.direction,
                   source=case.ct.source + f" (slice {k} damaged: {kind})")
     return Transformed(ct, case.labels, f"damaged slice ({kind}) in {level}")
+
+
+def contrast_distractors(case: PhantomCase, seed: int = 0) -> Transformed:
+    """What a contrast-enhanced CT puts in front of the spine and the phantom lacks: a contrast-filled heart above
+    L1 (an ellipsoid of 200–300 HU with brighter chambers, as in a chest CT that reaches L1–L2), a brighter aorta
+    touching the bodies' front left (300–400 HU, arterial phase), and bowel gas in front of L3–L5. Bone is never
+    painted over; the truth labels are unchanged."""
+    rng = np.random.default_rng(seed)
+    ct = case.ct
+    hu = ct.hu.astype(np.float32)
+    bone = case.labels > 0
+    nz, ny, nx = hu.shape
+    kk, jj, ii = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij", sparse=True)
+    x = ct.origin[0] + ii * ct.spacing[0]
+    y = ct.origin[1] + jj * ct.spacing[1]
+    z = ct.origin[2] + kk * ct.spacing[2]
+    levels = case.truth["levels"]
+    top = levels.get("T11") or levels["L1"]
+    c_top = np.asarray(top["centre_lps"])
+    # the heart: 55–75 mm in front of the upper bodies, its lower part at the level of T12–L1
+    hc = c_top + np.array([rng.uniform(-20, 20), -rng.uniform(70, 90), rng.uniform(10, 40)])
+    a, b, c = rng.uniform(55, 70), rng.uniform(45, 60), rng.uniform(45, 60)
+    heart = ((x - hc[0]) / a) ** 2 + ((y - hc[1]) / b) ** 2 + ((z - hc[2]) / c) ** 2 <= 1.0
+    chambers = ((x - hc[0]) / (0.55 * a)) ** 2 + ((y - hc[1]) / (0.55 * b)) ** 2 + ((z - hc[2]) / (0.6 * c)) ** 2 <= 1.0
+    hu[heart & ~bone] = rng.uniform(180, 230)
+    hu[chambers & ~bone] = rng.uniform(280, 350)
+    # the aorta: along the bodies' front left, touching them
+    names = [n for n in ("T11", "T12", "L1", "L2", "L3", "L4") if n in levels]
+    pts = np.array([levels[n]["centre_lps"] for n in names], float)
+    depth = np.array([levels[n]["body_mm"]["depth"] for n in names], float)
+    value = rng.uniform(300, 400)
+    radius = rng.uniform(10, 13)
+    for p, d in zip(pts, depth, strict=True):
+        centre = p + np.array([6.0, -(d / 2 + radius - 2.0), 0.0])
+        tube = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= radius**2) & (np.abs(z - centre[2]) <= 20.0)
+        hu[tube & ~bone] = value
+    # bowel gas in front of L3–L5
+    for _ in range(6):
+        n = names[min(len(names) - 1, rng.integers(3, len(names) + 1))]
+        p = np.asarray(levels[n]["centre_lps"]) + np.array([rng.uniform(-60, 60), -rng.uniform(60, 120),
+                                                             rng.uniform(-20, 20)])
+        r = rng.uniform(8, 20)
+        gas = ((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) <= r**2
+        hu[gas & ~bone] = -950.0
+    out = CTVolume(hu=hu.astype(np.int16), spacing=ct.spacing, origin=ct.origin, direction=ct.direction,
+                   source=ct.source + " (contrast distractors)")
+    return Transformed(out, case.labels, "contrast distractors")

@@ -55,6 +55,8 @@ SACRUM_PLANES_MM = (6.0, 12.0, 18.0)  # axial planes this far below the body's z
 # the upper S1 body
 JOIN_CORE_MM = 12.0
 JOIN_FROM_A_MM = -12.0  # (relative to the body's centre) the canal's front wall: the posterior elements lie behind
+JOIN_TO_A_MM = 10.0  # … and the body's front (S1 half-depth 15–20 mm): in front of it lie the (contrast-filled)
+# common iliac arteries and veins, which reach as far out as the alae
 ALA_REACH_MM = 45.0  # in front of the canal the alae reach toward the sacroiliac joints (sacral width ≥ 100 mm; real
 # example 120 mm with the joints bridged); a lumbar body with its osteophytes stays within 35 mm
 ILIUM_U_MM = (55.0, 150.0)
@@ -244,7 +246,9 @@ def joined_to_ilia(volume: CTVolume, centre_lps: np.ndarray) -> tuple[bool, floa
     hu = np.nan_to_num(vals, nan=-1000.0)
     structure = ndimage.generate_binary_structure(2, 1)
     # in front of the canal only: through the facet joints every vertebra is joined to the next and to the sacrum
-    joined = ndimage.binary_closing(hu > SACRUM_BONE_HU, structure, iterations=1) & (a >= JOIN_FROM_A_MM)[:, None]
+    # behind the body's centre only: in front of it lie the (contrast-filled) iliac vessels, which reach as far
+    joined = ndimage.binary_closing(hu > SACRUM_BONE_HU, structure, iterations=1) & (
+        (a >= JOIN_FROM_A_MM) & (a <= JOIN_TO_A_MM))[:, None]
     labels, _ = ndimage.label(joined, structure)
     core = (a[:, None] ** 2 + u[None] ** 2) <= JOIN_CORE_MM**2  # the body around the point (the sacrum's tilt and
     # the frame's extrapolation below the canal may leave the point a few mm off the body's centre)

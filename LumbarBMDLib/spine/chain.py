@@ -40,6 +40,21 @@ A_RANGE_MM = (-25.0, 80.0)  # rows of the straightened column: canal and posteri
 COLUMN_A_DEFAULT_MM = 22.0  # the body's centre in front of the canal's (canal radius 7–9 mm + half a body depth)
 COLUMN_BONE_HU = (100.0, 300.0)  # weights of the column's centroid ramp from 0 to 1 between these
 COLUMN_SMOOTH_MM = 8.0
+COLUMN_FRONT_MM = 50.0  # the bodies end within this in front of the canal (posterior wall 6–10 mm + depth ≤ 40 mm)
+COLUMN_A_LIMITS_MM = (6.0, 34.0)  # the body's centre lies here (thoracic ≈ 18, lumbar ≈ 25 mm in front; the sacrum curves back)
+COLUMN_HALF_DEPTH_MAX_MM = 18.0  # half the deepest lumbar body's depth (27–35 mm in adults, osteophytes aside;
+# thoracic 22–28 mm)
+WALL_HU = 90.0  # bone behind the wall (osteoporotic trabecular bone 60–120 HU, the cortex brighter); the canal in
+# front of it holds CSF and fat (≤ 40 HU)
+WALL_RUN_MM = 4.0  # … over at least this depth (a single bright pixel may be an enhancing epidural vein)
+WALL_SEARCH_MM = 25.0  # the wall lies within this of the canal's centre (canal radius 6–12 mm, frame error ≤ 8 mm)
+WALL_MEDIAN_MM = 21.0  # the wall carried across a disc (≤ 16 mm) from the bodies above and below
+DISC_DARK_HU = 130.0  # a disc (70–110 HU) or a vacuum disc, seen between bodies; a contrast-filled aorta or heart
+# (200–500 HU) stays brighter along its whole length
+INTERRUPTED_HALF_MM = 22.0  # a row of the column meets a disc within this (half the longest pitch, 45 mm)
+INTERRUPTED_MIN = 0.08  # … over at least this fraction of the window (a disc's 4 mm in 45)
+INTERRUPTED_SHIFT_MM = 4.0  # the interrupted rows' centre replaces the column's only when this far behind it (a
+# vessel pulls it 5–15 mm forward; smaller differences come from the bodies' own front rows, e.g. an osteophyte)
 PROFILE_HALF_DEPTH_MM = 12.0  # the disc profile takes the median over a_c ± this (the body's central 24 mm)
 TILTS_DEG = np.arange(-45.0, 45.1, 5.0)  # disc tilts tried across the frame (wedged L5–S1 discs reach 30–40°)
 VALLEY_HALF_MM = 8.0  # a valley needs an endplate within this distance above and below (disc ≤ 16 mm; a body's
@@ -209,11 +224,25 @@ def column_centre(m: np.ndarray, a_mm: np.ndarray, valid: np.ndarray) -> np.ndar
         a_mm: ``(n_a,)`` its rows' offsets.
         valid: ``(n_s,)`` planes inside the scan.
     """
-    front = (a_mm >= 2.0) & (a_mm <= A_RANGE_MM[1])
+    # the body ends at most a body's depth in front of its posterior wall: a contrast-filled aorta or heart touching
+    # the bodies' front must not pull the centre forward (a wall found too far forward, as in osteoporotic bone whose
+    # spongiosa is darker than the threshold, only loosens this limit)
+    wall = posterior_wall(m, a_mm)
+    front = ((a_mm[None, :] >= 2.0) & (a_mm[None, :] <= COLUMN_FRONT_MM)
+             & (a_mm[None, :] <= (wall + 2.0 * COLUMN_HALF_DEPTH_MAX_MM)[:, None]))
     lo, hi = COLUMN_BONE_HU
-    w = np.clip((np.nan_to_num(m[:, front], nan=-1000.0) - lo) / (hi - lo), 0.0, 1.0)
+    w = np.clip((np.nan_to_num(m, nan=-1000.0) - lo) / (hi - lo), 0.0, 1.0) * front
     total = w.sum(axis=1)
-    ac = np.where(total > 3.0, (w * a_mm[front]).sum(axis=1) / np.maximum(total, 1e-6), np.nan)
+    ac = np.where(total > 3.0, (w * a_mm[None, :]).sum(axis=1) / np.maximum(total, 1e-6), np.nan)
+    # … nor may it where it touches them with no gap: the column's rows are interrupted by a disc at least every
+    # pitch, a vessel's or the heart's are not; the centre of the interrupted rows alone is taken where it lies
+    # well behind (in the fused sacrum, where no row is interrupted, the first estimate stands)
+    wi = w * interrupted_rows(m)
+    total_i = wi.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        ac_i = np.where(total_i > 1.0, (wi * a_mm[None, :]).sum(axis=1) / np.maximum(total_i, 1e-6), np.nan)
+    ac = np.where(np.isfinite(ac_i) & (ac - ac_i > INTERRUPTED_SHIFT_MM), ac_i, ac)
+    ac = np.clip(ac, *COLUMN_A_LIMITS_MM)
     ac[~valid] = np.nan
     if np.isfinite(ac).sum() == 0:
         return np.full(len(m), COLUMN_A_DEFAULT_MM)
@@ -221,6 +250,32 @@ def column_centre(m: np.ndarray, a_mm: np.ndarray, valid: np.ndarray) -> np.ndar
     good = np.isfinite(ac)
     ac = np.interp(idx, idx[good], ac[good])
     return ndimage.gaussian_filter1d(ac, COLUMN_SMOOTH_MM, mode="nearest")
+
+
+def interrupted_rows(m: np.ndarray) -> np.ndarray:
+    """Bool ``(n_s, n_a)``: pixels of the slab with a dark pixel (< ``DISC_DARK_HU``: a disc, or bone's marrow) on
+    at least ``INTERRUPTED_MIN`` of the planes within ±``INTERRUPTED_HALF_MM`` in the same row."""
+    dark = (np.nan_to_num(m, nan=1e4) < DISC_DARK_HU).astype(np.float32)
+    size = 2 * round(INTERRUPTED_HALF_MM / STEP_MM_FRAME) + 1
+    return ndimage.uniform_filter1d(dark, size, axis=0, mode="nearest") >= INTERRUPTED_MIN
+
+
+def posterior_wall(m: np.ndarray, a_mm: np.ndarray) -> np.ndarray:
+    """``(n_s,)`` the bodies' posterior wall (mm in front of the canal's centre): the first row from the canal on
+    which the column holds ``WALL_RUN_MM`` of bone (≥ ``WALL_HU``); across a disc, where no wall is seen, it is
+    carried over from the bodies beside it (running median over ``WALL_MEDIAN_MM``). NaN where no body shows."""
+    sel = (a_mm >= 0.0) & (a_mm <= WALL_SEARCH_MM)
+    bone = np.nan_to_num(m[:, sel], nan=-1000.0) >= WALL_HU
+    run = max(1, round(WALL_RUN_MM / float(np.median(np.diff(a_mm)))))
+    solid = ndimage.binary_erosion(bone, np.ones((1, run), bool), border_value=0)  # centre of a run of ``run`` rows
+    solid = ndimage.binary_dilation(solid, np.ones((1, run), bool))
+    has = solid.any(axis=1)
+    wall = np.where(has, a_mm[sel][np.argmax(solid, axis=1)], np.nan)
+    if not has.any():
+        return np.full(len(m), np.inf)
+    size = max(3, round(WALL_MEDIAN_MM) | 1)
+    filled = np.interp(np.arange(len(wall)), np.flatnonzero(has), wall[has])
+    return ndimage.median_filter(filled, size=size, mode="nearest")
 
 
 def valley_depth(profile: np.ndarray, half: int) -> np.ndarray:
