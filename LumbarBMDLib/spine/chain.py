@@ -41,7 +41,8 @@ COLUMN_A_DEFAULT_MM = 22.0  # the body's centre in front of the canal's (canal r
 COLUMN_BONE_HU = (100.0, 300.0)  # weights of the column's centroid ramp from 0 to 1 between these
 COLUMN_SMOOTH_MM = 8.0
 COLUMN_FRONT_MM = 50.0  # the bodies end within this in front of the canal (posterior wall 6–10 mm + depth ≤ 40 mm)
-COLUMN_A_LIMITS_MM = (6.0, 34.0)  # the body's centre lies here (thoracic ≈ 18, lumbar ≈ 25 mm in front; the sacrum curves back)
+COLUMN_A_LIMITS_MM = (6.0, 34.0)  # the body's centre lies here (thoracic ≈ 18, lumbar ≈ 25 mm in front; the
+# sacrum curves back)
 COLUMN_HALF_DEPTH_MAX_MM = 18.0  # half the deepest lumbar body's depth (27–35 mm in adults, osteophytes aside;
 # thoracic 22–28 mm)
 WALL_HU = 90.0  # bone behind the wall (osteoporotic trabecular bone 60–120 HU, the cortex brighter); the canal in
