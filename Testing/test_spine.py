@@ -295,6 +295,18 @@ def test_contrast_kidneys_and_implant_streaks_do_not_move_the_anchor(variant):
     assert labels_near(case.labels, case.ct, spine.chain.bodies[spine.t12_body].centre_lps) & {12, 112}
 
 
+@pytest.mark.parametrize("seed,vendor", [(90_002, "A"), (90_004, "A")])
+def test_contrast_aorta_and_heart_touching_the_bodies_do_not_split_or_shift_the_chain(seed, vendor):
+    """A 300–400 HU aorta touching the bodies' front and a contrast-filled heart above L1 (brighter than the
+    spongiosa): before the column's centre was limited to the bodies, both cases counted six lumbar vertebrae."""
+    case = generate_case(seed, vendor, "small", "mixed")
+    spine = _numbered_right(T.contrast_distractors(case, seed), "T12 and sacrum")
+    assert spine.lumbar_count == 5 and not any(f.code == "transitional_anatomy" for f in spine.flags)
+    for i in (spine.level(n).body for n in ("L1", "L2", "L3", "L4")):
+        b = spine.chain.bodies[i]
+        assert int(spine.names[i][1]) in labels_near(case.labels, case.ct, b.centre_lps)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the whole method: results.json says how each level was identified, and why nothing was measured
 # ---------------------------------------------------------------------------------------------------------------

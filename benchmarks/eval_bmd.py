@@ -74,7 +74,7 @@ def main() -> None:
                     write_json(out / f"{vendor}_{mode}" / case.case_id / "results.json",
                                {"input": case.case_id, "status": "failed", "error": str(err), "vertebrae": []})
                 continue
-            seg_cases.append(segmentation_metrics(result.labels, reference_labels(case, result.annotation.canal)))
+            seg_cases.append(segmentation_metrics(result.labels, reference_labels(case, result.annotation)))
             times.append(result.timings_s)
             write_json(out / f"{vendor}_uncalibrated" / case.case_id / "results.json",
                        results_json(result, case.case_id, seg_model, bmd_model))
