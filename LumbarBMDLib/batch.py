@@ -1,19 +1,34 @@
 """``lumbarbmd run``: the whole method over a batch of CT files and DICOM folders.
 
-Per case, ``DIR/<case>/`` receives (DESIGN.md contract) ``results.json``, ``results.csv`` (one row per level),
+Per case, ``DIR/<case id>/`` receives (DESIGN.md contract) ``results.json``, ``results.csv`` (one row per level),
 ``sagittal.nii.gz`` (the mean of the 10 candidate slices, on the plane of the labels) and
 ``sagittal_labels.nii.gz`` (L1–L4; both overlay the CT in any viewer) and ``report.html``; a failed case gets
-only ``results.json`` with ``"status": "failed"`` and the error. Every case folder is written in a temporary
-folder and renamed when complete, so no half-written case is ever left. ``DIR/summary.csv`` lists the batch.
+only ``results.json`` with ``"status": "failed"`` and the error. ``DIR/summary.csv`` lists every case in ``DIR``
+and is rewritten (atomically) after each case.
+
+**Case identity.** The case id comes from what identifies the scan: the input's path relative to the batch's
+common folder (``DATA/A_000020/ct.nii.gz`` → ``A_000020``: a file name that every input shares, or a generic one
+such as ``ct`` or ``image``, says nothing, so the folder names the case). ``results.json`` records the id, the
+input and the sha256 of its content. A case folder that holds **another** input (a different sha256, a damaged
+``results.json``, or a file or link in its place) is never overwritten: the new input is written as
+``<id>_<first 8 hex digits of its sha256>`` and the summary's ``note`` says so.
+
+**Durability** (``LumbarBMDLib.durable``): every case folder is filled in a hidden temporary sibling and exchanged
+into place, so it is complete or absent (never half-written, never missing while replaced); one lock per case makes
+two processes writing into one folder take turns (the second finds the case done); temporary folders of a
+process that died are removed on the next run; the output folder is checked to be writable before any work.
 
 Models are loaded once per batch; one failing case never stops the others; cases already finished (ok or
-partial) are skipped unless ``force``; failed cases are tried again.
+partial) with the same input content are skipped unless ``force``; failed cases are tried again.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -23,43 +38,155 @@ import numpy as np
 
 from LumbarBMDLib import __version__
 from LumbarBMDLib.calibration import ScannerCalibration
+from LumbarBMDLib.durable import (
+    LOCK_FOLDER,
+    TMP_MARK,
+    atomic_folder,
+    atomic_write_text,
+    case_lock,
+    check_writable_folder,
+    clean_stale_temporaries,
+)
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.pipeline import CaseResult, measure, results_json
 from LumbarBMDLib.regression import RegressionModel
 from LumbarBMDLib.report import render_report
 from LumbarBMDLib.segmentation import SegmentationModel
-from LumbarBMDLib.volume import atomic_folder, read_ct, write_csv, write_image
+from LumbarBMDLib.volume import read_ct, write_image
 
 SUMMARY_COLUMNS = ["case", "input", "status", "mean_bmd_mg_cm3", "category", "L1", "L2", "L3", "L4", "missing",
-                   "error", "total_s"]
+                   "error", "total_s", "input_sha256", "note"]
 LEVEL_COLUMNS = ["level", "found", "bmd_mg_cm3", "category", "confidence", "centre_x_lps", "centre_y_lps",
                  "centre_z_lps", "reason"]
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+GENERIC_NAMES = frozenset({"ct", "image", "img", "volume", "vol", "scan", "series", "data", "input", "dicom", "dcm",
+                           "study", "images", "original", "ct_image", "ctimage"})  # a file called so names no one
+SUMMARY_LOCK = ".summary"  # the lock that serialises rewriting summary.csv
+DIGEST_CHARS = 8  # hex digits of the sha256 appended to a case id already taken by another input (1 in 4·10⁹)
 
 
 @dataclass
 class CaseOutcome:
-    """What happened to one input: its case name, folder, results.json object, and whether it was skipped."""
+    """What happened to one input: its case id, folder, results.json object, whether it was skipped, and a note
+    (e.g. why it got another id)."""
 
     case: str
     folder: Path
     results: dict
     skipped: bool = False
+    note: str = ""
 
 
-def case_name(path: Path, taken: set[str]) -> str:
-    """Folder name for an input: the file name without its image extension (or the DICOM folder's name), made
-    unique within the batch."""
+def _stem(path: Path) -> str:
     name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+    for ext in IMAGE_ENDINGS:
         if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "case"
-    unique, k = name, 2
-    while unique in taken:
-        unique, k = f"{name}_{k}", k + 1
-    taken.add(unique)
-    return unique
+            return name[: -len(ext)]
+    return name
+
+
+def _safe(name: str) -> str:
+    """A folder name from any text: letters, digits, ``.``, ``_``, ``-`` (no leading dot: never hidden or ``..``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "case"
+
+
+def case_ids(paths: list[Path]) -> list[str]:
+    """Case ids for a batch of inputs, from their paths relative to the batch's common folder.
+
+    The last part (the file name without its image ending, or the DICOM folder's name) is left out when every
+    input of a batch of several shares it, or when it is a generic name (``ct``, ``image``, ``dicom`` …): then the
+    folders name the cases. Ids are not made unique here: two inputs with one id are told apart by their content
+    when written (:func:`resolve_case_folder`).
+    """
+    if not paths:
+        return []
+    parts = [[*Path(os.path.abspath(p)).parts[:-1], _stem(Path(p))] for p in paths]
+    last = {q[-1] for q in parts}
+    drop = [(len(paths) > 1 and len(last) == 1) or q[-1].lower() in GENERIC_NAMES for q in parts]
+    keys = [q[:-1] if d and len(q) > 1 else q for q, d in zip(parts, drop, strict=True)]
+    common = os.path.commonpath([os.path.join(*k) for k in keys]) if len(keys) > 1 else None
+    ids = []
+    for k in keys:
+        if common is not None:
+            rel = Path(os.path.relpath(os.path.join(*k), common)).parts
+            rel = [r for r in rel if r not in (".", "")]
+        else:
+            rel = []
+        ids.append(_safe("_".join(rel) if rel else k[-1]))
+    return ids
+
+
+def input_digest(path: Path) -> str | None:
+    """sha256 of an input's content: a file's bytes, or a folder's regular files (relative names and bytes, in
+    sorted order); None for anything else (a device, a FIFO: the reader refuses them)."""
+    from LumbarBMDLib.weights import sha256_of
+
+    try:
+        if path.is_file():
+            return sha256_of(path)
+        if path.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(q for q in path.rglob("*") if q.is_file()):
+                h.update(str(f.relative_to(path)).encode("utf-8", "surrogateescape") + b"\0")
+                h.update(bytes.fromhex(sha256_of(f)))
+            return h.hexdigest()
+    except OSError:
+        return None  # unreadable: read_ct says why
+    return None
+
+
+def read_previous(folder: Path) -> tuple[dict | None, str]:
+    """A case folder's results.json, or None and why it cannot be used (absent, damaged, not an object)."""
+    f = folder / "results.json"
+    if not f.is_file():
+        return None, "it has no results.json"
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, "its results.json is damaged"
+    if not isinstance(obj, dict):
+        return None, "its results.json is damaged"
+    return obj, ""
+
+
+def _same_input(previous: dict, source: str, digest: str | None) -> bool:
+    if previous.get("input_sha256") and digest:
+        return previous["input_sha256"] == digest
+    return previous.get("input") == source  # a result of an earlier version (no sha256): the same path
+
+
+def resolve_case_folder(out_dir: Path, case_id: str, source: str, digest: str | None
+                        ) -> tuple[str, dict | None, str]:
+    """Where an input is written: ``(case id, its previous results.json if it is this input's, note)``.
+
+    ``out_dir/case_id`` is used when it is free or holds this input; otherwise the input gets
+    ``<case_id>_<sha8>`` and the note says which input holds the id.
+    """
+    folder = out_dir / case_id
+    if not folder.exists() and not folder.is_symlink():
+        return case_id, None, ""
+    if folder.is_symlink() or not folder.is_dir():
+        why = f"{folder} is a {'symbolic link' if folder.is_symlink() else 'file'}, not a case folder"
+    else:
+        previous, problem = read_previous(folder)
+        if previous is not None and _same_input(previous, source, digest):
+            return case_id, previous, ""
+        if previous is None and problem == "it has no results.json" and not any(folder.iterdir()):
+            return case_id, None, ""  # an empty folder (made by hand): nothing to lose
+        why = (f"the case id {case_id} already holds another input ({previous.get('input')})" if previous is not None
+               else f"the case folder {folder} cannot be checked ({problem})")
+    if digest is None:
+        raise LumbarBMDError(f"{why}; this input cannot be told apart from it (its content could not be read), "
+                             "so nothing was written: use another output folder")
+    other = f"{case_id}_{digest[:DIGEST_CHARS]}"
+    note = f"{why}; left untouched, this input is written as {other}"
+    folder = out_dir / other
+    if not folder.exists() and not folder.is_symlink():
+        return other, None, note
+    previous, _ = read_previous(folder) if folder.is_dir() and not folder.is_symlink() else (None, "")
+    if previous is not None and _same_input(previous, source, digest):
+        return other, previous, note
+    raise LumbarBMDError(f"{why}, and {folder} holds yet another; nothing was written: use another output folder")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -79,7 +206,7 @@ def _results_csv(path: Path, results: dict) -> None:
 
 
 def write_case_outputs(folder: Path, results: dict, result: CaseResult | None) -> None:
-    """Write a case's files into ``folder`` via a temporary sibling folder renamed at the end (atomic)."""
+    """Write a case's files into ``folder`` via a temporary sibling folder put in place at the end (atomic)."""
     with atomic_folder(folder) as tmp:
         if result is not None:
             geom = result.label_geometry
@@ -98,9 +225,24 @@ def failed_results(source: str, error: str, timings: dict | None = None) -> dict
             "models": None, "version": __version__}
 
 
+def failure_sentence(err: BaseException, path: Path) -> str | None:
+    """The sentence for a failure that is not a :class:`LumbarBMDError` but still expected (memory, the file
+    system, ITK's allocation errors); None for a programming error, which must stay visible."""
+    if isinstance(err, MemoryError):
+        return "out of memory while processing this CT"
+    if isinstance(err, RuntimeError) and ("alloc" in str(err).lower() or "memory" in str(err).lower()):
+        return "out of memory while processing this CT (the image library could not allocate its buffers)"
+    if isinstance(err, OSError):
+        where = err.filename or path
+        return f"could not read or write {where}: {err.strerror or err}"
+    return None
+
+
 def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
-             calibration: ScannerCalibration | None) -> dict:
-    """Measure one input and write its folder; returns its results.json object (never raises LumbarBMDError)."""
+             calibration: ScannerCalibration | None, identity: dict | None = None) -> dict:
+    """Measure one input and write its folder; returns its results.json object (never raises for a bad input).
+
+    ``identity`` (``case_id``, ``input_sha256``) is recorded in results.json."""
     t0 = time.perf_counter()
     try:
         volume = read_ct(path)
@@ -108,29 +250,50 @@ def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: 
         result = measure(volume, seg_model, bmd_model, calibration)
         results = results_json(result, str(path), seg_model, bmd_model, {"load": load,
                                                                          "total": time.perf_counter() - t0})
-        write_case_outputs(folder, results, result)
     except LumbarBMDError as err:
-        results = failed_results(str(path), str(err), {"total": time.perf_counter() - t0})
-        write_case_outputs(folder, results, None)
-    except MemoryError:
-        results = failed_results(str(path), "out of memory while processing this CT", {})
-        write_case_outputs(folder, results, None)
+        result, results = None, failed_results(str(path), str(err), {"total": time.perf_counter() - t0})
+    except (MemoryError, RuntimeError, OSError) as err:
+        sentence = failure_sentence(err, path)
+        if sentence is None:
+            raise
+        result, results = None, failed_results(str(path), sentence, {"total": time.perf_counter() - t0})
+    results.update(identity or {})
+    try:
+        write_case_outputs(folder, results, result)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing half-written remains
+        raise LumbarBMDError(f"could not write the case folder {folder}: {err.strerror or err}") from None
     return results
 
 
-def summary_row(case: str, results: dict) -> dict:
+def summary_row(case: str, results: dict, note: str = "") -> dict:
     """One row of summary.csv."""
-    levels = {v["level"]: v for v in results.get("vertebrae", [])}
+    levels = {v["level"]: v for v in results.get("vertebrae", []) if isinstance(v, dict) and "level" in v}
     return {"case": case, "input": results.get("input"), "status": results.get("status"),
             "mean_bmd_mg_cm3": results.get("mean_bmd_mg_cm3"), "category": results.get("category"),
             **{lv: (levels[lv].get("bmd_mg_cm3") if lv in levels else None) for lv in ("L1", "L2", "L3", "L4")},
-            "missing": " ".join(lv for lv, v in levels.items() if not v["found"]),
-            "error": results.get("error") or "", "total_s": results.get("timings_s", {}).get("total")}
+            "missing": " ".join(lv for lv, v in levels.items() if not v.get("found")),
+            "error": results.get("error") or "", "total_s": (results.get("timings_s") or {}).get("total"),
+            "input_sha256": results.get("input_sha256") or "", "note": note or results.get("note") or ""}
 
 
-def write_summary(out_dir: Path, outcomes: list[CaseOutcome]) -> Path:
-    """``DIR/summary.csv`` over the batch (atomic)."""
-    return write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, (summary_row(o.case, o.results) for o in outcomes))
+def write_summary(out_dir: Path, notes: dict[str, str] | None = None) -> Path:
+    """``DIR/summary.csv``: one row per case folder in ``DIR`` (this batch's and earlier ones'), rewritten
+    atomically under a lock so that two processes writing into one folder never lose each other's rows."""
+    out_dir = Path(out_dir)
+    with case_lock(out_dir, SUMMARY_LOCK):
+        rows = []
+        for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            previous, problem = read_previous(folder)
+            if previous is None:
+                if problem != "it has no results.json":
+                    rows.append({"case": folder.name, "status": "unknown", "error": f"{folder.name}: {problem}"})
+                continue
+            rows.append(summary_row(folder.name, previous, (notes or {}).get(folder.name, "")))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write_text(out_dir / "summary.csv", buf.getvalue())
 
 
 def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto", force: bool = False,
@@ -139,22 +302,57 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     """Run every input; returns the outcomes in input order (see the module docstring)."""
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable_folder(out_dir)
+    summary = out_dir / "summary.csv"
+    if summary.exists() and not summary.is_file():
+        raise LumbarBMDError(f"{summary} exists and is not a file; move it away")
+    clean_stale_temporaries(out_dir)
     seg_model = SegmentationModel.load(seg_model_path, device=device)
     bmd_model = RegressionModel.load(bmd_model_path, device=device)
-    taken: set[str] = set()
+    paths = [Path(raw).expanduser() for raw in inputs]
     outcomes = []
-    for raw in tqdm(inputs, desc="cases", unit="case", disable=not progress):
-        path = Path(raw)
-        case = case_name(path, taken)
-        folder = out_dir / case
-        done = folder / "results.json"
-        if done.is_file() and not force:
-            previous = json.loads(done.read_text(encoding="utf-8"))
-            if previous.get("status") in ("ok", "partial") and previous.get("input") == str(path):
-                outcomes.append(CaseOutcome(case, folder, previous, skipped=True))
-                continue
-        outcomes.append(CaseOutcome(case, folder, run_case(path, folder, seg_model, bmd_model, calibration)))
-    write_summary(out_dir, outcomes)
+    notes: dict[str, str] = {}
+    for path, case_id in tqdm(list(zip(paths, case_ids(paths), strict=True)), desc="cases", unit="case",
+                              disable=not progress):
+        outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, calibration, force)
+        if outcome.note:
+            notes[outcome.case] = outcome.note
+        outcomes.append(outcome)
+        write_summary(out_dir, notes)  # after every case: a batch stopped half-way still has its summary
     return outcomes
+
+
+def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
+             calibration: ScannerCalibration | None, force: bool) -> CaseOutcome:
+    """One input, under the lock of its case id (a second process on the same case waits, then finds it done)."""
+    source = str(path)
+    digest = input_digest(path)
+    with case_lock(out_dir, case_id):
+        try:
+            final_id, previous, note = resolve_case_folder(out_dir, case_id, source, digest)
+        except LumbarBMDError as err:  # nowhere to write this input without touching another's results
+            return CaseOutcome(case_id, out_dir / case_id, failed_results(source, str(err)), note=str(err))
+        folder = out_dir / final_id
+        with case_lock(out_dir, final_id) if final_id != case_id else _nothing():
+            if previous is not None and previous.get("status") in ("ok", "partial") and not force:
+                return CaseOutcome(final_id, folder, previous, skipped=True, note=note)
+            identity = {"case_id": final_id, "input_sha256": digest}
+            if note:
+                identity["note"] = note
+            try:
+                results = run_case(path, folder, seg_model, bmd_model, calibration, identity)
+            except LumbarBMDError as err:  # the folder could not be written: the case is lost, the batch goes on
+                return CaseOutcome(final_id, folder, failed_results(source, str(err)), note=str(err))
+            return CaseOutcome(final_id, folder, results, note=note)
+
+
+class _nothing:
+    def __enter__(self):
+        return True
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["LOCK_FOLDER", "TMP_MARK", "CaseOutcome", "case_ids", "input_digest", "resolve_case_folder", "run_batch",
+           "run_case", "write_summary"]

@@ -89,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     skipped = sum(o.skipped for o in outcomes)
     for o in outcomes:
         r = o.results
+        if o.note:
+            print(f"note: {o.note}")
         if r["status"] == "failed":
             print(f"{o.case}: failed: {r['error']}")
         else:
@@ -356,6 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_FOLDERS = ("demo", "run", "phantom", "annotate", "segment", "train-seg", "train-bmd", "evaluate")
+OUTPUT_FILES = ("calibrate",)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: the output folder (or file) of the command can be written, so that a computed result is
+    never lost to a read-only, full or mistyped ``--out``."""
+    from LumbarBMDLib.durable import check_writable_folder
+
+    out = getattr(args, "out", None)
+    if not out:
+        return
+    if args.command in OUTPUT_FOLDERS:
+        check_writable_folder(out)
+    elif args.command in OUTPUT_FILES:
+        path = Path(out).expanduser()
+        if path.is_dir():
+            raise LumbarBMDError(f"--out {path} is a folder; give the file to write (e.g. {path / 'scanner.json'})")
+        check_writable_folder(path.parent if str(path.parent) else Path("."), "folder of --out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status."""
     for stream in (sys.stdout, sys.stderr):  # an ASCII terminal must not crash on a "–" or "³" in a message
@@ -366,9 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "cases", 1) < 1:
         parser.error("--cases must be at least 1")
     try:
+        check_outputs(args)
         return int(args.func(args))
     except LumbarBMDError as err:
         print(f"lumbarbmd: error: {err}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError, OSError) as err:
+        from LumbarBMDLib.batch import failure_sentence
+
+        sentence = failure_sentence(err, Path(getattr(args, "out", "") or "."))
+        if sentence is None:
+            raise
+        print(f"lumbarbmd: error: {sentence}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lumbarbmd: interrupted", file=sys.stderr)

@@ -86,10 +86,11 @@ def test_batch_exit_status_and_summary(batch):
     assert proc.returncode == 1, proc.stderr  # some cases failed
     assert "13 case(s): " in proc.stdout and f"{len(FAILING) + 1} failed" in proc.stdout  # + the L1–L2 scan
     rows = list(csv.DictReader((batch["out"] / "summary.csv").open(encoding="utf-8")))
-    assert [r["case"] for r in rows] == [n.removesuffix(".nii.gz") for n in batch["names"]]
-    # nothing half-written: only complete case folders and the summary
+    assert [r["case"] for r in rows] == sorted(n.removesuffix(".nii.gz") for n in batch["names"])
+    assert all(len(r["input_sha256"]) == 64 for r in rows if r["case"] != "missing")
+    # nothing half-written: only complete case folders, the summary and the per-case locks
     leftovers = [p.name for p in batch["out"].iterdir() if p.name.startswith(".")]
-    assert leftovers == []
+    assert leftovers == [".lumbarbmd-locks"]
 
 
 def test_good_case_files_and_schema(batch):
