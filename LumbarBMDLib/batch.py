@@ -298,8 +298,10 @@ def write_summary(out_dir: Path, notes: dict[str, str] | None = None) -> Path:
 
 def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto", force: bool = False,
               calibration: ScannerCalibration | None = None, seg_model_path: str | Path | None = None,
-              bmd_model_path: str | Path | None = None, progress: bool = True) -> list[CaseOutcome]:
-    """Run every input; returns the outcomes in input order (see the module docstring)."""
+              bmd_model_path: str | Path | None = None, progress: bool = True,
+              allow_unverified: bool = False) -> list[CaseOutcome]:
+    """Run every input; returns the outcomes in input order (see the module docstring). ``allow_unverified``
+    accepts models whose card has no sha256 (recorded in results.json as ``models_verified``)."""
     from tqdm import tqdm
 
     out_dir = check_writable_folder(out_dir)
@@ -307,8 +309,8 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     if summary.exists() and not summary.is_file():
         raise LumbarBMDError(f"{summary} exists and is not a file; move it away")
     clean_stale_temporaries(out_dir)
-    seg_model = SegmentationModel.load(seg_model_path, device=device)
-    bmd_model = RegressionModel.load(bmd_model_path, device=device)
+    seg_model = SegmentationModel.load(seg_model_path, device=device, allow_unverified=allow_unverified)
+    bmd_model = RegressionModel.load(bmd_model_path, device=device, allow_unverified=allow_unverified)
     paths = [Path(raw).expanduser() for raw in inputs]
     outcomes = []
     notes: dict[str, str] = {}

@@ -33,13 +33,21 @@ import torch
 
 from LumbarBMDLib.calibration import read_calibration
 from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.evaluation import read_truth_json, reference_bmd
 from LumbarBMDLib.localisation import LEVEL_NAMES, LevelLocation, level_centres_in_image, locate_in_ct
 from LumbarBMDLib.patches import trabecular_patch
 from LumbarBMDLib.regression import BMD_CENTRE, BMD_SCALE, bmd_network
 from LumbarBMDLib.seg_training import files_named, resolve_device, split_cases, train_log
 from LumbarBMDLib.training_pair import REFERENCE_COLUMNS, REFERENCE_FILE
 from LumbarBMDLib.volume import read_ct
-from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
+from LumbarBMDLib.weights import (
+    load_tensors,
+    read_json_object,
+    resume_checkpoint,
+    save_checkpoint,
+    save_tensors,
+    sha256_of,
+)
 
 CT_FILES = ("ct.nii.gz", "ct.nrrd", "ct.mha", "ct.nii")
 LABEL_FILES = ("annotation_labels.nii.gz", "vertebrae.nii.gz")
@@ -75,24 +83,35 @@ class PatchSet:
 
 
 def read_reference(data_dir: Path) -> dict[str, dict[str, float]]:
-    """``{case: {level: bmd}}`` from ``DATA/bmd_reference.csv`` (empty when absent)."""
+    """``{case: {level: bmd}}`` from ``DATA/bmd_reference.csv`` (empty when absent).
+
+    Every value is checked (:func:`~LumbarBMDLib.evaluation.reference_bmd`): a number within
+    :data:`~LumbarBMDLib.evaluation.REFERENCE_BMD_RANGE` or missing (empty / NaN: that level has no reference and
+    gives no patch); anything else is refused naming the line, case and level.
+    """
     path = data_dir / REFERENCE_FILE
     if not path.is_file():
         return {}
     ref: dict[str, dict[str, float]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = set(REFERENCE_COLUMNS) - set(reader.fieldnames or [])
-        if missing:
-            raise LumbarBMDError(f"{path}: missing column(s) {', '.join(sorted(missing))} (need case,level,bmd_mg_cm3)")
-        for i, row in enumerate(reader, start=2):
-            try:
-                value = float(row["bmd_mg_cm3"])
-            except ValueError:
-                raise LumbarBMDError(f"{path}, line {i}: bmd_mg_cm3 {row['bmd_mg_cm3']!r} is not a number") from None
-            if row["level"] not in LEVEL_NAMES:
-                raise LumbarBMDError(f"{path}, line {i}: level {row['level']!r} is not one of L1–L4")
-            ref.setdefault(row["case"], {})[row["level"]] = value
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = set(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise LumbarBMDError(f"{path} cannot be read as UTF-8 CSV ({err})") from None
+    missing = set(REFERENCE_COLUMNS) - fields
+    if missing:
+        raise LumbarBMDError(f"{path}: missing column(s) {', '.join(sorted(missing))} (need case,level,bmd_mg_cm3)")
+    for i, row in enumerate(rows, start=2):
+        case, level = (row.get("case") or "").strip(), (row.get("level") or "").strip()
+        if not case:
+            raise LumbarBMDError(f"{path}, line {i}: the case name is empty")
+        if level not in LEVEL_NAMES:
+            raise LumbarBMDError(f"{path}, line {i}: level {row.get('level')!r} is not one of L1–L4")
+        value = reference_bmd(row.get("bmd_mg_cm3"), f"{path}, line {i} (case {case}, level {level})")
+        if value is not None:
+            ref.setdefault(case, {})[level] = value
     return ref
 
 
@@ -112,19 +131,24 @@ def find_bmd_cases(data_dir: str | Path) -> list[Path]:
 
 
 def case_reference(folder: Path, table: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Reference BMD per level of one case: the CSV's rows, else ``truth.json``.
+    """Reference BMD per level of one case: the CSV's rows, else ``truth.json`` (checked, see
+    :func:`~LumbarBMDLib.evaluation.read_truth_json`).
 
     A phantom case with intravenous contrast (``truth.json`` variants) gives no reference: its trabecular HU carry
     the enhancement (+10–15 HU) while its reference is the unenhanced QCT, which a patch cannot tell apart.
     """
     truth_path = folder / "truth.json"
-    if truth_path.is_file() and json.loads(truth_path.read_text(encoding="utf-8")).get("variants", {}).get("contrast"):
-        return {}
+    truth = read_json_object(truth_path, "reference file") if truth_path.is_file() else None
+    if truth is not None:
+        variants = truth.get("variants") or {}
+        if not isinstance(variants, dict):
+            raise LumbarBMDError(f"reference file {truth_path}: 'variants' must be an object")
+        if variants.get("contrast"):
+            return {}
     if folder.name in table:
         return table[folder.name]
-    truth = folder / "truth.json"
-    if truth.is_file():
-        return {k: float(v) for k, v in json.loads(truth.read_text(encoding="utf-8"))["bmd_mg_cm3"].items()}
+    if truth is not None:
+        return read_truth_json(truth_path)[1]["bmd"]
     return {}
 
 
@@ -134,7 +158,12 @@ def case_patches(folder: Path, reference: dict[str, float], jitter: int, jitter_
     ct_path = next(folder / n for n in CT_FILES if (folder / n).is_file())
     label_path = next(folder / n for n in LABEL_FILES if (folder / n).is_file())
     volume = read_ct(ct_path)
-    locations = locate_in_ct(level_centres_in_image(sitk.ReadImage(str(label_path))), volume)
+    try:
+        label_image = sitk.ReadImage(str(label_path))
+    except RuntimeError:
+        raise LumbarBMDError(f"training case {folder}: the label file {label_path.name} cannot be read (damaged or "
+                             "not an image); replace it or move the case out of the training data") from None
+    locations = locate_in_ct(level_centres_in_image(label_image), volume)
     images, bmd, levels, skipped = [], [], [], []
     for loc in locations:
         if loc.level not in reference:
@@ -159,8 +188,10 @@ def case_patches(folder: Path, reference: dict[str, float], jitter: int, jitter_
 
 
 def build_patch_set(folders: list[Path], table: dict[str, dict[str, float]], config: BMDTrainingConfig,
-                    rng: np.random.Generator, jitter: int | None = None, progress: bool = False) -> PatchSet:
-    """:func:`case_patches` over ``folders``, concatenated."""
+                    rng: np.random.Generator, jitter: int | None = None, progress: bool = False,
+                    role: str = "training") -> PatchSet:
+    """:func:`case_patches` over ``folders``, concatenated (``role``: "training" or "validation", for the sentence
+    when no case has a usable reference)."""
     from tqdm import tqdm
 
     sets = []
@@ -169,10 +200,26 @@ def build_patch_set(folders: list[Path], table: dict[str, dict[str, float]], con
         if ref:
             sets.append(case_patches(folder, ref, config.jitter if jitter is None else jitter, config.jitter_mm, rng))
     if not sets:
-        raise LumbarBMDError("no reference BMD values for any training case (bmd_reference.csv or truth.json)")
+        raise LumbarBMDError(f"no usable reference BMD values for any {role} case (bmd_reference.csv or "
+                             "truth.json): every value is missing, so there is nothing to train on")
     return PatchSet(np.concatenate([s.images for s in sets]), np.concatenate([s.bmd for s in sets]),
                     [c for s in sets for c in s.case], [lv for s in sets for lv in s.level],
                     [k for s in sets for k in s.skipped])
+
+
+def check_patch_sets(train: PatchSet, val: PatchSet, data_dir: Path) -> None:
+    """Refuse, before training, patch sets that cannot train or validate a model: fewer than two training patches
+    (BatchNorm needs two) or no validation patch, saying why levels gave no patch."""
+    def reasons(p: PatchSet) -> str:
+        why = sorted({r for _, _, r in p.skipped})
+        return f" (levels skipped: {'; '.join(why[:3])})" if why else ""
+
+    if len(train.bmd) < 2:
+        raise LumbarBMDError(f"only {len(train.bmd)} training patch(es) could be cut from {data_dir}: training needs "
+                             f"at least two levels with a reference value and a patch{reasons(train)}")
+    if len(val.bmd) == 0:
+        raise LumbarBMDError(f"no validation patch could be cut from the validation cases of {data_dir}: give them "
+                             f"reference values or lower --val-fraction{reasons(val)}")
 
 
 def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -238,7 +285,8 @@ def train_bmd(data_dir: str | Path, out_dir: str | Path, config: BMDTrainingConf
     train_dirs, val_dirs = split_cases(folders, config.val_fraction, config.seed)
     patch_rng = np.random.default_rng(config.seed + 1)  # patches do not depend on the resume state
     train = build_patch_set(train_dirs, table, config, patch_rng, progress=progress)
-    val = build_patch_set(val_dirs, table, config, patch_rng, jitter=1) if val_dirs else train
+    val = build_patch_set(val_dirs, table, config, patch_rng, jitter=1, role="validation") if val_dirs else train
+    check_patch_sets(train, val, data_dir)  # before the model exists: bad input leaves no checkpoint behind
     targets = (train.bmd - BMD_CENTRE) / BMD_SCALE
 
     model = bmd_network().to(device)
@@ -288,9 +336,15 @@ def train_bmd(data_dir: str | Path, out_dir: str | Path, config: BMDTrainingConf
                 print(f"epoch {epoch}: loss {np.mean(losses):.4f}, "
                       f"validation RMSE {rmse:.2f} mg/cm³ (bias {bias:+.2f})")
 
+    if not np.isfinite(best):  # no epoch gave a finite validation RMSE: the loss diverged, nothing worth keeping
+        for name in ("checkpoint_last.safetensors", *(f"checkpoint_epoch_{e:03d}.safetensors"
+                                                      for e in range(start_epoch, config.epochs + 1))):
+            (out_dir / name).unlink(missing_ok=True)
+        raise LumbarBMDError(f"training on {data_dir} gave no finite validation error in any epoch (the loss "
+                             "diverged): lower --lr and train again")
     best_tensors, best_meta = load_tensors(out_dir / "checkpoint_best.safetensors")
     model.load_state_dict(best_tensors)
-    vendors = sorted({json.loads((f / "truth.json").read_text(encoding="utf-8")).get("vendor", "")
+    vendors = sorted({str(read_json_object(f / "truth.json", "reference file").get("vendor") or "")
                       for f in train_dirs if (f / "truth.json").is_file()} - {""})
     card = {
         "model": "DenseNet-121 trabecular-patch BMD regression",

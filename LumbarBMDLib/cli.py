@@ -53,8 +53,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sx, sy, sz = case.ct.spacing
     print(f"LumbarBMD {__version__} demo: synthetic lumbar CT (phantom), vendor {t['vendor']}, seed {t['seed']}")
     print(f"CT: {nx} x {ny} x {nz} voxels, {sx:.2f} x {sy:.2f} x {sz:.2f} mm -> {folder / 'ct.nii.gz'}")
-    seg = SegmentationModel.load(device=args.device)
-    bmd = RegressionModel.load(device=args.device)
+    seg = SegmentationModel.load(device=args.device, allow_unverified=args.allow_unverified_model)
+    bmd = RegressionModel.load(device=args.device, allow_unverified=args.allow_unverified_model)
     results = run_case(folder / "ct.nii.gz", out / case.case_id, seg, bmd, None)
     if results["status"] == "failed":
         raise LumbarBMDError(results["error"])
@@ -84,7 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     calibration = read_calibration(args.calibration) if args.calibration else None
     outcomes = run_batch(args.inputs, args.out, device=args.device, force=args.force, calibration=calibration,
-                         seg_model_path=args.seg_model, bmd_model_path=args.bmd_model, progress=not args.quiet)
+                         seg_model_path=args.seg_model, bmd_model_path=args.bmd_model, progress=not args.quiet,
+                         allow_unverified=args.allow_unverified_model)
     counts = {s: sum(o.results.get("status") == s for o in outcomes) for s in ("ok", "partial", "failed")}
     skipped = sum(o.skipped for o in outcomes)
     for o in outcomes:
@@ -161,7 +162,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from LumbarBMDLib.spine.labelling import anatomical_labels, as_segmentation_result
     from LumbarBMDLib.volume import read_ct
 
-    model = SegmentationModel.load(args.model, device=args.device)
+    model = SegmentationModel.load(args.model, device=args.device, allow_unverified=args.allow_unverified_model)
     ann = prepare(read_ct(args.input))
     network = segment(model, ann.images, ann.canal.mean_centre_lps)
     anatomical = anatomical_labels(network.probabilities, network.geometry, ann.spine, ann.images.annotation_hu)
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["full", "small"], default="full", help="phantom size (default: full)")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help=argparse.SUPPRESS)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--allow-unverified-model", action="store_true",
+                   help="accept a model whose card has no sha256 (recorded as models_verified: false)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="the whole method on CT files and DICOM folders (batch)")
@@ -277,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-model", help="segmentation .safetensors (default: the shipped model)")
     p.add_argument("--bmd-model", help="regression .safetensors (default: the shipped model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-unverified-model", action="store_true",
+                   help="accept a model whose card has no sha256 (recorded as models_verified: false)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("phantom", help="write synthetic lumbar CTs with exact ground truth")
@@ -301,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="segmentation .safetensors (default: the shipped model)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--allow-unverified-model", action="store_true",
+                   help="accept a model whose card has no sha256 (recorded as models_verified: false)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("train-seg", help="train the L1-L4 R2U-Net on annotation image/label pairs")

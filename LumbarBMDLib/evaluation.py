@@ -267,32 +267,134 @@ def write_evaluation(pairs: Pairs, out_dir: str | Path, extra: dict | None = Non
 # ------------------------------------------------------------------------------------------------------------
 # results folders (lumbarbmd evaluate RESULTS TRUTH --out DIR)
 # ------------------------------------------------------------------------------------------------------------
+#: Plausible reference BMD (mg/cm³, K2HPO4-equivalent QCT of lumbar trabecular bone). Adults span about 20–250
+#: (young-adult peak ≈ 170–200, severe osteoporosis ≈ 30); calibration phantoms run to ~200. Nothing below 0 (less
+#: dense than the water-equivalent baseline) or above 400 (beyond any trabecular bone: cortical bone, metal or a
+#: unit mix-up such as g/cm² × 1000) is a measurement of the trabecular spine, so such a value is refused.
+REFERENCE_BMD_RANGE = (0.0, 400.0)
+
+
+def reference_bmd(value: object, where: str) -> float | None:
+    """A reference BMD read from a file, checked: a number in :data:`REFERENCE_BMD_RANGE` (returned as float), or
+    None when the value is missing (empty, null or NaN: that level has no reference). ``where`` names the file, case
+    and level for the sentence raised on anything else."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise LumbarBMDError(f"{where}: reference BMD {value!r} is not a number")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise LumbarBMDError(f"{where}: reference BMD {value!r} is not a number") from None
+    if np.isnan(number):
+        return None
+    lo, hi = REFERENCE_BMD_RANGE
+    if not lo <= number <= hi:
+        raise LumbarBMDError(f"{where}: reference BMD {value!r} mg/cm³ is outside the plausible range {lo:g}–{hi:g} "
+                             "mg/cm³ (check the value and its unit)")
+    return number
+
+
+def read_truth_json(path: Path) -> tuple[str, dict]:
+    """One phantom ``truth.json``: its case name and ``{"bmd": {level: value}, "patient": {...}, "folder": ...}``,
+    checked (a JSON object with ``bmd_mg_cm3`` mapping L1–L4 to plausible values; levels without a value left out)."""
+    from LumbarBMDLib.weights import read_json_object
+
+    t = read_json_object(path, "reference file")
+    case = t.get("case", path.parent.name)
+    if not isinstance(case, str) or not case:
+        raise LumbarBMDError(f"reference file {path}: 'case' must be the case's name (text), got {case!r}")
+    values = t.get("bmd_mg_cm3")
+    if not isinstance(values, dict):
+        raise LumbarBMDError(f"reference file {path} has no 'bmd_mg_cm3' object (level → BMD), e.g. "
+                             '{"bmd_mg_cm3": {"L1": 120.5, "L2": 118.0}}')
+    bmd = {}
+    for level, raw in values.items():
+        if level not in LEVEL_NAMES:
+            raise LumbarBMDError(f"reference file {path}: level {level!r} is not one of L1–L4")
+        value = reference_bmd(raw, f"reference file {path}, case {case}, level {level}")
+        if value is not None:
+            bmd[level] = value
+    patient = {k: t.get(k) for k in ("vendor", "sex", "age", "category", "mean_bmd_mg_cm3")}
+    for key in ("age", "mean_bmd_mg_cm3"):  # continuous characteristics compared across cohorts
+        v = patient[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v)):
+            raise LumbarBMDError(f"reference file {path}: {key} must be a number or null, got {v!r}")
+    return case, {"bmd": bmd, "patient": patient, "folder": str(path.parent)}
+
+
 def read_truth(truth: str | Path) -> dict[str, dict]:
     """Reference per case: ``{case: {"bmd": {level: value}, "patient": {...}}}`` from a phantom cohort folder
-    (``<case>/truth.json``) or a CSV ``case,level,bmd_mg_cm3``."""
+    (``<case>/truth.json``) or a CSV ``case,level,bmd_mg_cm3``.
+
+    Every value is checked (:func:`reference_bmd`): a number within :data:`REFERENCE_BMD_RANGE`, or missing (empty,
+    null, NaN: that level has no reference). A reference without any usable value is refused.
+    """
     import csv
 
     truth = Path(truth)
     out: dict[str, dict] = {}
     if truth.is_file() and truth.suffix.lower() == ".csv":
-        with truth.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not {"case", "level", "bmd_mg_cm3"} <= set(reader.fieldnames or []):
-                raise LumbarBMDError(f"{truth}: a reference CSV needs the columns case, level, bmd_mg_cm3")
-            for row in reader:
-                out.setdefault(row["case"], {"bmd": {}, "patient": {}})["bmd"][row["level"]] = float(row["bmd_mg_cm3"])
-        return out
-    if not truth.is_dir():
+        try:
+            with truth.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                fields = set(reader.fieldnames or [])
+                rows = list(reader)
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise LumbarBMDError(f"reference CSV {truth} cannot be read as UTF-8 CSV ({err})") from None
+        if not {"case", "level", "bmd_mg_cm3"} <= fields:
+            raise LumbarBMDError(f"{truth}: a reference CSV needs the columns case, level, bmd_mg_cm3")
+        for line, row in enumerate(rows, start=2):
+            case, level = (row.get("case") or "").strip(), (row.get("level") or "").strip()
+            if not case:
+                raise LumbarBMDError(f"{truth}, line {line}: the case name is empty")
+            if level not in LEVEL_NAMES:
+                raise LumbarBMDError(f"{truth}, line {line}: level {row.get('level')!r} is not one of L1–L4")
+            value = reference_bmd(row.get("bmd_mg_cm3"), f"{truth}, line {line} (case {case}, level {level})")
+            entry = out.setdefault(case, {"bmd": {}, "patient": {}})
+            if value is None:
+                continue
+            if level in entry["bmd"] and entry["bmd"][level] != value:
+                raise LumbarBMDError(f"{truth}, line {line}: case {case} level {level} has two different reference "
+                                     f"values ({entry['bmd'][level]:g} and {value:g})")
+            entry["bmd"][level] = value
+    elif not truth.is_dir():
         raise LumbarBMDError(f"reference not found: {truth} (a cohort folder with truth.json files, or a CSV)")
-    for path in sorted(truth.rglob("truth.json")):
-        t = json.loads(path.read_text(encoding="utf-8"))
-        case = t.get("case", path.parent.name)
-        out[case] = {"bmd": {k: float(v) for k, v in t["bmd_mg_cm3"].items()},
-                     "patient": {k: t.get(k) for k in ("vendor", "sex", "age", "category", "mean_bmd_mg_cm3")},
-                     "folder": str(path.parent)}
-    if not out:
-        raise LumbarBMDError(f"no truth.json under {truth}")
+    else:
+        for path in sorted(truth.rglob("truth.json")):
+            case, entry = read_truth_json(path)
+            if case in out:
+                raise LumbarBMDError(f"reference file {path}: case {case} appears twice ({out[case]['folder']})")
+            out[case] = entry
+        if not out:
+            raise LumbarBMDError(f"no truth.json under {truth}")
+    if not any(entry["bmd"] for entry in out.values()):
+        raise LumbarBMDError(f"reference {truth} holds no usable BMD value (all missing): nothing to evaluate against")
     return out
+
+
+def _measured_bmd(v: object, path: Path) -> tuple[str, float] | None:
+    """(level, BMD) of one measured entry of ``results.json``'s ``vertebrae``; None when the level was not measured;
+    a malformed entry is a sentence naming the file."""
+    if not isinstance(v, dict) or v.get("level") not in LEVEL_NAMES:
+        raise LumbarBMDError(f"{path}: every entry of 'vertebrae' must be an object with a level L1–L4")
+    if not v.get("found"):
+        return None
+    value = v.get("bmd_mg_cm3")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise LumbarBMDError(f"{path}: level {v['level']} is marked found but its bmd_mg_cm3 {value!r} is not a "
+                             "finite number; run the case again")
+    return v["level"], float(value)
+
+
+def _case_id_of(folder: Path) -> str:
+    """The case id a results folder records (``results.json`` ``case_id``; older results: the folder's name)."""
+    try:
+        res = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return folder.name
+    cid = res.get("case_id") if isinstance(res, dict) else None
+    return cid if isinstance(cid, str) and cid else folder.name
 
 
 def collect_pairs(results_dir: str | Path, truth: dict[str, dict]) -> tuple[Pairs, dict]:
@@ -300,6 +402,8 @@ def collect_pairs(results_dir: str | Path, truth: dict[str, dict]) -> tuple[Pair
 
     Returns the pairs and a summary: cases read, failed, partial, unmatched, levels missing per reason.
     """
+    from LumbarBMDLib.weights import read_json_object
+
     results_dir = Path(results_dir)
     files = sorted(results_dir.rglob("results.json"))
     if not files:
@@ -307,23 +411,31 @@ def collect_pairs(results_dir: str | Path, truth: dict[str, dict]) -> tuple[Pair
     cases, levels, pred, ref = [], [], [], []
     summary = {"cases": 0, "ok": 0, "partial": 0, "failed": 0, "unmatched": [], "missing_levels": {}}
     for f in files:
-        res = json.loads(f.read_text(encoding="utf-8"))
-        case = f.parent.name
+        res = read_json_object(f, "results file")
+        case = res.get("case_id") if isinstance(res.get("case_id"), str) and res.get("case_id") else f.parent.name
+        status = res.get("status", "failed")
+        if not isinstance(status, str) or not status:
+            raise LumbarBMDError(f"results file {f}: status {status!r} is not a status such as ok, partial or failed")
+        vertebrae = res.get("vertebrae", [])
+        if not isinstance(vertebrae, list):
+            raise LumbarBMDError(f"results file {f}: 'vertebrae' must be a list")
         summary["cases"] += 1
-        summary[res.get("status", "failed")] = summary.get(res.get("status", "failed"), 0) + 1
+        summary[status] = summary.get(status, 0) + 1
         if case not in truth:
             summary["unmatched"].append(case)
             continue
-        for v in res.get("vertebrae", []):
-            if not v.get("found"):
-                reason = v.get("reason", "not found")
+        for v in vertebrae:
+            measured = _measured_bmd(v, f)
+            if measured is None:
+                reason = str(v.get("reason") or "not found")
                 summary["missing_levels"][reason] = summary["missing_levels"].get(reason, 0) + 1
                 continue
-            if v["level"] in truth[case]["bmd"]:
+            level, value = measured
+            if level in truth[case]["bmd"]:
                 cases.append(case)
-                levels.append(v["level"])
-                pred.append(float(v["bmd_mg_cm3"]))
-                ref.append(truth[case]["bmd"][v["level"]])
+                levels.append(level)
+                pred.append(value)
+                ref.append(truth[case]["bmd"][level])
     return Pairs(cases, levels, np.array(pred), np.array(ref)), summary
 
 
@@ -357,7 +469,7 @@ def segmentation_from_folders(results_dir: str | Path, truth: dict[str, dict]) -
 
     per_case = []
     for f in sorted(Path(results_dir).rglob("sagittal_labels.nii.gz")):
-        case = f.parent.name
+        case = _case_id_of(f.parent)
         folder = truth.get(case, {}).get("folder")
         if not folder or not (Path(folder) / "vertebrae.nii.gz").is_file():
             continue

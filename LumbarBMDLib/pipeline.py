@@ -139,7 +139,7 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
                "total": time.perf_counter() - t0}
     return CaseResult(annotation, seg, anatomical.labels, anatomical.geometry, locations, patches, levels, mean,
                       category, transform, calibration, timings, annotation.spine.anchor, anatomical,
-                      case_flags(annotation.spine, anatomical))
+                      case_flags(annotation.spine, anatomical, annotation.volume.metadata))
 
 
 #: The network runs on the rows of the identified L1–L4 and this margin above and below (its receptive field near
@@ -181,10 +181,17 @@ def _locations(anatomical: AnatomicalSegmentation, annotation: Annotation, volum
     return locate_in_ct(out, volume)
 
 
-def case_flags(ident, anatomical: AnatomicalSegmentation | None) -> list[QCFlag]:
-    """The case's QC flags: the numbering's, plus classical outlines, corrected network numbering and dropped
-    segments."""
+def case_flags(ident, anatomical: AnatomicalSegmentation | None, metadata: dict | None = None) -> list[QCFlag]:
+    """The case's QC flags: the numbering's, plus classical outlines, corrected network numbering, dropped
+    segments, and an oblique CT resampled onto an axial grid (``metadata`` of the volume measured)."""
     flags = list(ident.flags) if ident is not None else []
+    meta = metadata or {}
+    if meta.get("resampled_axial"):
+        tilt = meta.get("obliquity_deg")
+        flags.append(QCFlag("oblique_resampled", "the CT's slices are oblique" + (f" by {tilt:.0f}°" if tilt else "")
+                            + "; it was resampled onto an axial grid (linear interpolation), which smooths the "
+                            "trabecular bone and can shift BMD by a few mg/cm³: compare with an axial "
+                            "reconstruction if one exists"))
     if anatomical is None:
         return flags
     for lv in anatomical.levels:
@@ -285,5 +292,7 @@ def results_json(result: CaseResult, source: str, seg_model: SegmentationModel |
             "hu_transform": [round(v, 5) for v in result.hu_transform]},
         "timings_s": {k: round(v, 3) for k, v in {**result.timings_s, **(timings or {})}.items()},
         "models": {"segmentation": seg_model.sha256 if seg_model else None, "regression": bmd_model.sha256},
+        "models_verified": {"segmentation": getattr(seg_model, "verified", True) if seg_model else None,
+                            "regression": getattr(bmd_model, "verified", True)},
         "version": __version__,
     }

@@ -19,7 +19,7 @@ from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.patches import PATCH_SIZE, TrabecularPatch
 from LumbarBMDLib.seg_training import resolve_device
 from LumbarBMDLib.segmentation import models_dir
-from LumbarBMDLib.weights import load_model_card, load_tensors
+from LumbarBMDLib.weights import architecture_field, check_fits, load_model
 
 BMD_CENTRE = 110.0  # mg/cm³: output normalisation (≈ the middle of the adult range)
 BMD_SCALE = 50.0
@@ -54,20 +54,27 @@ class RegressionModel:
     card: dict
     sha256: str
     device: torch.device
+    verified: bool = True  # False: the card had no sha256 and the caller accepted an unverified model
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto") -> RegressionModel:
-        """Load ``path`` (default: the shipped ``regression.safetensors``) and its ``.json`` model card."""
+    def load(cls, path: str | Path | None = None, device: str = "auto", *,
+             allow_unverified: bool = False) -> RegressionModel:
+        """Load ``path`` (default: the shipped ``regression.safetensors``) and its ``.json`` model card, checked
+        (:func:`~LumbarBMDLib.weights.load_model`); ``allow_unverified`` accepts a card without sha256."""
         path = Path(path) if path else models_dir() / "regression.safetensors"
-        card, digest = load_model_card(path, "regression")
-        net = bmd_network(card["architecture"]["in_channels"])
-        tensors, _ = load_tensors(path)
+        weights = load_model(path, "regression", allow_unverified)
+        in_channels = architecture_field(weights.card, path, "in_channels", int, "regression")
+        if in_channels != 3:  # the patch is 3 axial slices (z − 1 mm, z, z + 1 mm)
+            raise LumbarBMDError(f"model card {path.with_suffix('.json')}: a regression model takes 3 input "
+                                 f"channels (the patch's three slices), this one {in_channels}")
+        net = bmd_network(in_channels)  # fixed size once in_channels is 3: no need to probe on the meta device
+        check_fits(net, weights.tensors, path, "regression")
         try:
-            net.load_state_dict(tensors)
+            net.load_state_dict(weights.tensors)
         except RuntimeError as err:
             raise LumbarBMDError(f"regression weights {path} do not fit DenseNet-121: {err}") from None
         dev = resolve_device(device)
-        return cls(net.to(dev).eval(), card, digest, dev)
+        return cls(net.to(dev).eval(), weights.card, weights.sha256, dev, weights.verified)
 
 
 @dataclass
@@ -98,7 +105,11 @@ def predict_normalised(network: torch.nn.Module, images: np.ndarray, device: tor
         raise ValueError(f"patches must be (N, 3, {PATCH_SIZE}, {PATCH_SIZE}), got {images.shape}")
     network.eval()
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
-    return network(x)[:, 0].float().cpu().numpy()
+    y = network(x)[:, 0].float().cpu().numpy()
+    if not np.isfinite(y).all():
+        raise LumbarBMDError("the regression model gave non-finite output (NaN or infinity) for this case: its "
+                             "weights are damaged or unsuited; no BMD was measured")
+    return y
 
 
 def predict_bmd(model: RegressionModel, patches: list[TrabecularPatch]) -> list[LevelBMD]:

@@ -136,6 +136,10 @@ def qc_flags(results: dict) -> list[str]:
     """Plain-language quality flags from a results.json object: the identification's flags (transitional anatomy,
     uncertain identification, segments renumbered or dropped), then the per-level ones."""
     flags = [f["message"] for f in results.get("qc_flags") or []]
+    for role, verified in (results.get("models_verified") or {}).items():
+        if verified is False:
+            flags.append(f"the {role} model was not verified (its model card has no sha256): accepted explicitly "
+                         "with --allow-unverified-model; its results are only as trustworthy as the file's origin")
     for v in results["vertebrae"]:
         if not v["found"]:
             flags.append(f"{v['level']} not measured: {v.get('reason', 'not found')}")

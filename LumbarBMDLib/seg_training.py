@@ -42,7 +42,15 @@ from LumbarBMDLib.metrics import segmentation_metrics
 from LumbarBMDLib.r2unet import count_parameters, r2unet_from_width
 from LumbarBMDLib.sagittal import SAGITTAL_PIXEL_MM, SAGITTAL_SIZE, WINDOW_HU, network_window, window_to_unit
 from LumbarBMDLib.training_pair import IMAGE_FILE, LABEL_FILE
-from LumbarBMDLib.weights import load_tensors, resume_checkpoint, save_checkpoint, save_tensors, sha256_of
+from LumbarBMDLib.weights import (
+    check_finite,
+    load_tensors,
+    read_json_object,
+    resume_checkpoint,
+    save_checkpoint,
+    save_tensors,
+    sha256_of,
+)
 
 LEVELS = ("L1", "L2", "L3", "L4")
 
@@ -89,7 +97,13 @@ def find_pairs(data_dir: str | Path) -> list[Path]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise LumbarBMDError(f"training data folder not found: {data_dir}")
-    folders = sorted({p.parent for p in files_named(data_dir, IMAGE_FILE) if (p.parent / LABEL_FILE).is_file()})
+    images = {p.parent for p in files_named(data_dir, IMAGE_FILE)}
+    labels = {p.parent for p in files_named(data_dir, LABEL_FILE)}
+    for folder in sorted(images ^ labels):  # half a pair is a case the user meant to train on: say so
+        have, lack = (IMAGE_FILE, LABEL_FILE) if folder in images else (LABEL_FILE, IMAGE_FILE)
+        raise LumbarBMDError(f"training case {folder} has {have} but no {lack}: export the missing file or move "
+                             "the folder out of the training data")
+    folders = sorted(images & labels)
     if not folders:
         raise LumbarBMDError(
             f"no training pairs in {data_dir}: each case folder needs {IMAGE_FILE} and {LABEL_FILE} "
@@ -99,24 +113,42 @@ def find_pairs(data_dir: str | Path) -> list[Path]:
 
 
 def load_pair(folder: Path) -> SegCase:
-    """Read one pair and check it: a 512 × 512 sagittal grid, labels 0–4 on the same grid."""
-    img = sitk.ReadImage(str(folder / IMAGE_FILE))
-    lab = sitk.ReadImage(str(folder / LABEL_FILE))
+    """Read one pair and check it: a 512 × 512 sagittal grid of finite HU, integer labels 0–4 on the same grid;
+    anything else is a sentence naming the folder."""
+    pair = []
+    for name in (IMAGE_FILE, LABEL_FILE):
+        if not (folder / name).is_file():
+            raise LumbarBMDError(f"training case {folder} has no {name}: export it or move the folder out of the "
+                                 "training data")
+        try:
+            pair.append(sitk.ReadImage(str(folder / name)))
+        except RuntimeError:
+            raise LumbarBMDError(f"training case {folder}: {name} cannot be read (damaged or not an image); export "
+                                 "it again or move the folder out of the training data") from None
+    img, lab = pair
     image = sitk.GetArrayFromImage(img).astype(np.float32)
     labels = sitk.GetArrayFromImage(lab)
     if image.ndim == 3:
         image, labels = image[0], labels[0]
     expected = (SAGITTAL_SIZE, SAGITTAL_SIZE)
     if image.shape != expected or labels.shape != expected:
-        raise LumbarBMDError(f"{folder}: training images must be {expected[0]} × {expected[1]}, got {image.shape}")
+        raise LumbarBMDError(f"{folder}: training images must be {expected[0]} × {expected[1]}, got {image.shape} "
+                             f"and labels {labels.shape}")
     if not np.allclose(img.GetSpacing()[:2], (SAGITTAL_PIXEL_MM, SAGITTAL_PIXEL_MM), atol=1e-3):
         raise LumbarBMDError(f"{folder}: pixel spacing {img.GetSpacing()[:2]} is not the {SAGITTAL_PIXEL_MM} mm grid")
-    if labels.min() < 0 or labels.max() > 4:
-        raise LumbarBMDError(f"{folder}: label values must be 0–4 (background, L1–L4), found {np.unique(labels)}")
+    if not np.allclose(lab.GetSpacing()[:2], img.GetSpacing()[:2], atol=1e-3):
+        raise LumbarBMDError(f"{folder}: the labels' pixel spacing {lab.GetSpacing()[:2]} differs from the image's")
+    if not np.isfinite(image).all():
+        raise LumbarBMDError(f"{folder}: {IMAGE_FILE} holds NaN or infinite pixels; export it again")
+    if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)) or labels.min() < 0 \
+            or labels.max() > 4:
+        found = np.unique(labels)
+        raise LumbarBMDError(f"{folder}: label values must be the integers 0–4 (background, L1–L4), found "
+                             f"{found[:8]}{' …' if found.size > 8 else ''}")
     meta = {}
     truth = folder / "truth.json"
     if truth.is_file():
-        t = json.loads(truth.read_text(encoding="utf-8"))
+        t = read_json_object(truth, "case description")
         meta = {"vendor": t.get("vendor"), "variants": t.get("variants")}
     return SegCase(folder.name, window_to_unit(image), labels.astype(np.int64), meta)
 
@@ -363,6 +395,7 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
     model = r2unet_from_width(config.width).to(device)
     if config.init and not resume:
         tensors, _ = load_tensors(config.init)
+        check_finite(tensors, config.init)
         try:
             model.load_state_dict(tensors)
         except RuntimeError as err:

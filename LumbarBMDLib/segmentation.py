@@ -26,7 +26,7 @@ from LumbarBMDLib.r2unet import R2UNet
 from LumbarBMDLib.sagittal import NETWORK_WINDOW_COLUMNS, SagittalImages, network_window
 from LumbarBMDLib.seg_training import resolve_device
 from LumbarBMDLib.segmentation_post import SegmentationResult, fuse_probabilities, postprocess
-from LumbarBMDLib.weights import load_model_card, load_tensors
+from LumbarBMDLib.weights import architecture_field, check_fits, load_model
 
 WINDOW_COLUMNS = NETWORK_WINDOW_COLUMNS
 
@@ -46,23 +46,36 @@ class SegmentationModel:
     card: dict
     sha256: str
     device: torch.device
+    verified: bool = True  # False: the card had no sha256 and the caller accepted an unverified model
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto") -> SegmentationModel:
-        """Load ``path`` (default: the shipped ``segmentation.safetensors``) and its ``.json`` model card."""
+    def load(cls, path: str | Path | None = None, device: str = "auto", *,
+             allow_unverified: bool = False) -> SegmentationModel:
+        """Load ``path`` (default: the shipped ``segmentation.safetensors``) and its ``.json`` model card, checked
+        (:func:`~LumbarBMDLib.weights.load_model`); ``allow_unverified`` accepts a card without sha256."""
         path = Path(path) if path else models_dir() / "segmentation.safetensors"
-        card, digest = load_model_card(path, "segmentation")
-        arch = card["architecture"]
-        net = R2UNet(arch["in_channels"], arch["out_channels"], tuple(arch["features"]), arch["t"])
-        tensors, _ = load_tensors(path)
+        weights = load_model(path, "segmentation", allow_unverified)
+        arch = {key: architecture_field(weights.card, path, key, kind, "segmentation")
+                for key, kind in (("in_channels", int), ("out_channels", int), ("features", list), ("t", int))}
+        card_path = path.with_suffix(".json")
+        if (arch["in_channels"], arch["out_channels"]) != (1, 5):  # one sagittal slice in; background + L1–L4 out
+            raise LumbarBMDError(f"model card {card_path}: a segmentation model takes 1 input channel and gives 5 "
+                                 f"classes, this one {arch['in_channels']} and {arch['out_channels']}")
         try:
-            net.load_state_dict(tensors)
+            with torch.device("meta"):
+                probe = R2UNet(arch["in_channels"], arch["out_channels"], tuple(arch["features"]), arch["t"])
+        except ValueError as err:
+            raise LumbarBMDError(f"model card {card_path} does not describe an R2U-Net: {err}") from None
+        check_fits(probe, weights.tensors, path, "segmentation")
+        net = R2UNet(arch["in_channels"], arch["out_channels"], tuple(arch["features"]), arch["t"])
+        try:
+            net.load_state_dict(weights.tensors)
         except RuntimeError as err:
             raise LumbarBMDError(
                 f"segmentation weights {path} do not fit the architecture in its model card: {err}"
             ) from None
         dev = resolve_device(device)
-        return cls(net.to(dev).eval(), card, digest, dev)
+        return cls(net.to(dev).eval(), weights.card, weights.sha256, dev, weights.verified)
 
 
 def window_columns(images: SagittalImages, canal_mean_lps: np.ndarray | None) -> tuple[int, int]:
@@ -103,6 +116,9 @@ def candidate_probabilities(model: SegmentationModel, images: SagittalImages,
     c0, c1 = window_columns(images, canal_mean_lps)
     r0, r1 = window_rows(rows, x.shape[2])
     logits = model.network(torch.from_numpy(np.ascontiguousarray(x[:, :, r0:r1, c0:c1])).to(model.device))
+    if not bool(torch.isfinite(logits).all()):
+        raise LumbarBMDError("the segmentation model gave non-finite output (NaN or infinity) for this case: its "
+                             "weights are damaged or unsuited; no segmentation was made")
     probs = torch.softmax(logits, dim=1).cpu().numpy()
     full = np.zeros((x.shape[0], probs.shape[1], *x.shape[2:]), np.float32)
     full[:, 0] = 1.0

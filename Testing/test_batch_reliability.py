@@ -260,3 +260,30 @@ def test_outputs_follow_the_umask(tmp_path):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "case") == 0o750 and mode(tmp_path / "case" / "results.json") == 0o640
     assert mode(table) == 0o640
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what results say about how they were made
+# ---------------------------------------------------------------------------------------------------------------
+def test_evaluate_matches_results_to_truth_by_case_id(tmp_path):
+    from LumbarBMDLib.evaluation import collect_pairs
+
+    res = {"case_id": "A_000020", "input": "DATA/A_000020/ct.nii.gz", "status": "ok",
+           "vertebrae": [{"level": "L1", "found": True, "bmd_mg_cm3": 101.0}]}
+    (tmp_path / "renamed_by_hand").mkdir()
+    (tmp_path / "renamed_by_hand" / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    pairs, summary = collect_pairs(tmp_path, {"A_000020": {"bmd": {"L1": 100.0}, "patient": {}}})
+    assert pairs.case == ["A_000020"] and summary["unmatched"] == []
+
+
+def test_unverified_models_and_resampled_oblique_scans_are_flagged():
+    from LumbarBMDLib.pipeline import case_flags
+    from LumbarBMDLib.report import qc_flags
+
+    flags = qc_flags({"vertebrae": [], "calibration": {}, "models_verified": {"segmentation": True,
+                                                                            "regression": False}})
+    assert any(f.startswith("the regression model was not verified") for f in flags)
+    assert not any("segmentation model was not verified" in f for f in flags)
+    oblique = case_flags(None, None, {"resampled_axial": True, "obliquity_deg": 20.2})
+    assert [f.code for f in oblique] == ["oblique_resampled"] and "oblique by 20°" in oblique[0].message
+    assert case_flags(None, None, {}) == []

@@ -69,8 +69,10 @@ def test_load_checks_card_and_weights(tiny_model, tmp_path):
     other = tmp_path / "other.safetensors"
     other.write_bytes(tiny_model.read_bytes())
     other.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
-    with pytest.raises(LumbarBMDError, match="do not fit the architecture"):
+    with pytest.raises(LumbarBMDError, match="has no sha256"):  # no sha256: refused unless explicitly allowed
         SegmentationModel.load(other)
+    with pytest.raises(LumbarBMDError, match="do not fit the architecture"):
+        SegmentationModel.load(other, allow_unverified=True)
 
 
 def test_window_is_centred_in_front_of_the_canal(prepared):
