@@ -9,17 +9,21 @@ index ``(i, j, k, 1)`` to an LPS point. After :func:`reorient_to_lps` the index 
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import SimpleITK as sitk
@@ -138,36 +142,147 @@ UNSIGNED_OFFSET = 1024.0
 _INTERCEPT_KEYS = ("0028|1052", "rescaleintercept", "rescale_intercept", "intercept")
 _SLOPE_KEYS = ("0028|1053", "rescaleslope", "rescale_slope", "slope")
 _SAMPLE_VOXELS = 2_000_000  # intensity statistics use at most this many voxels
+#: Most voxels a volume may declare: 2**30 voxels are 4 GiB as float32 HU (a 512 × 512 × 4096 CT, far more than a
+#: whole-body CT at 0.5 mm), and reading needs about three times that at its peak. A header declaring more is damaged
+#: or hostile; it is refused before any voxel is read. Override with :data:`MAX_VOXELS_ENV` or ``read_ct(max_voxels=)``.
+MAX_VOXELS = 2**30
+MAX_VOXELS_ENV = "LUMBARBMD_MAX_VOXELS"
+_CHUNK_BYTES = 1 << 22  # compressed bytes inflated per step when reading a .nii.gz (4 MiB: few Python calls)
+#: deflate expands at most 1032-fold (RFC 1951: a 258-byte match costs at least 2 bits), so a gzip file of n bytes
+#: holds at most 1032 n bytes: a header declaring more is refused before its buffer is allocated.
+_MAX_DEFLATE_RATIO = 1032
+#: NIfTI header layouts: sizeof_hdr → offsets and types of (datatype, bitpix, dim[8], pixdim[8], vox_offset,
+#: scl_slope, scl_inter), from nifti1.h and nifti2.h.
+_NIFTI_LAYOUTS: dict[int, dict[str, tuple[int, str, int]]] = {
+    348: {"datatype": (70, "i2", 1), "bitpix": (72, "i2", 1), "dim": (40, "i2", 8), "pixdim": (76, "f4", 8),
+          "vox_offset": (108, "f4", 1), "scl_slope": (112, "f4", 1), "scl_inter": (116, "f4", 1)},
+    540: {"datatype": (12, "i2", 1), "bitpix": (14, "i2", 1), "dim": (16, "i8", 8), "pixdim": (104, "f8", 8),
+          "vox_offset": (168, "i8", 1), "scl_slope": (176, "f8", 1), "scl_inter": (184, "f8", 1)},
+}
+#: NIfTI datatype codes of single-value voxels (nifti1.h) → numpy type; other codes (complex, RGB) are left to ITK.
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
 
 
-def read_ct(path: str | Path) -> CTVolume:
+def read_ct(path: str | Path, max_voxels: int | None = None) -> CTVolume:
     """Read a CT from a NIfTI/NRRD/MetaImage file or a DICOM folder, in HU, reoriented to axial LPS.
+
+    Only complete files are read: a file shorter than its header declares (cut during a copy), a DICOM slice with
+    truncated pixel data, missing or zero voxel sizes, missing slice positions, a device or FIFO instead of a file,
+    and a header declaring more than ``max_voxels`` voxels are refused (before any voxel is read) with a sentence.
 
     Args:
         path: an image file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``), a folder
             holding DICOM files (searched recursively; the best CT series is chosen), or one DICOM file
             (its whole series is read).
+        max_voxels: most voxels accepted; ``None``: the environment variable ``LUMBARBMD_MAX_VOXELS`` if set,
+            else :data:`MAX_VOXELS` (2**30).
 
     Returns:
         A :class:`CTVolume` whose ``hu`` is float32 ``(nz, ny, nx)`` in HU with index axes along +L, +P,
         +S, and whose ``affine`` maps each index to its LPS point (mm) in the input's physical space
         (axes are only permuted/flipped, never interpolated). ``metadata`` records the format, the
-        original geometry, the orientation applied, warnings, and for DICOM the series used and why.
+        original geometry, the orientation applied, ``obliquity_deg`` (largest angle between an index axis and
+        its closest LPS axis), warnings, and for DICOM the series used and why.
 
     Raises:
-        LumbarBMDError: the path is missing, is not a readable image, is not a 3-D single-component
-            volume, has implausible geometry, is empty or does not look like a CT.
+        LumbarBMDError: the path is missing, unreadable or not a regular file, is not a complete readable image, is
+            not a 3-D single-component volume, is too large, has missing or implausible geometry, is empty or does
+            not look like a CT.
     """
     p = Path(path).expanduser()
-    if not p.exists():
-        raise LumbarBMDError(f"file or folder not found: {p}")
-    if p.is_dir():
-        img, meta = _read_dicom_folder(p)
+    limit = _voxel_limit(max_voxels)
+    if _check_path(p, "file or folder") == "folder":
+        img, meta = _read_dicom_folder(p, limit)
     elif _is_dicom_file(p):
-        img, meta = _read_dicom_folder(p.parent, only_file=p)
+        img, meta = _read_dicom_folder(p.parent, limit, only_file=p)
     else:
-        img, meta = _read_image_file(p)
+        img, meta = _read_image_file(p, limit)
     return _to_ct_volume(img, p, meta)
+
+
+def _voxel_limit(max_voxels: int | None) -> int:
+    """The voxel limit: ``max_voxels``, else the variable :data:`MAX_VOXELS_ENV`, else :data:`MAX_VOXELS`."""
+    if max_voxels is not None:
+        if int(max_voxels) < 1:
+            raise LumbarBMDError(f"max_voxels must be a positive number of voxels, not {max_voxels}")
+        return int(max_voxels)
+    text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not text:
+        return MAX_VOXELS
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LumbarBMDError(
+            f"the environment variable {MAX_VOXELS_ENV}={text!r} is not a positive number of voxels (e.g. 2000000000)"
+        )
+    return value
+
+
+def _check_path(path: Path, role: str) -> str:
+    """Raise unless ``path`` is an existing readable regular file or folder; return ``"file"`` or ``"folder"``.
+
+    Runs before anything opens the path, so a FIFO (which would block) or a device such as ``/dev/zero`` (which
+    never ends) is refused without being opened. ``role`` names the path in sentences ("file or folder",
+    "the data file named by ct.nhdr").
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise LumbarBMDError(
+                f"{role} {path} is a symbolic link to {os.readlink(path)}, which does not exist (a broken link)"
+            ) from None
+        if role == "file or folder":
+            raise LumbarBMDError(f"file or folder not found: {path}") from None
+        raise LumbarBMDError(f"{role} not found: {path}") from None
+    except PermissionError:
+        raise LumbarBMDError(
+            f"permission denied: {role} {path} is in a folder this user may not open; ask for read access or copy it"
+        ) from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise LumbarBMDError(
+                f"{role} {path} is a symbolic link loop (the links point at each other and never reach a file)"
+            ) from None
+        raise LumbarBMDError(f"could not open {role} {path}: {err.strerror or err}") from None
+    if stat.S_ISDIR(st.st_mode):
+        kind = "folder"
+        try:
+            os.scandir(path).close()
+        except PermissionError:
+            raise LumbarBMDError(
+                f"permission denied: this user may not list the folder {path}; ask for read access or copy it"
+            ) from None
+    elif stat.S_ISREG(st.st_mode):
+        kind = "file"
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+        except PermissionError:
+            raise LumbarBMDError(
+                f"permission denied: this user may not read {path}; ask for read access or copy the file"
+            ) from None
+        except OSError as err:
+            raise LumbarBMDError(f"could not open {role} {path}: {err.strerror or err}") from None
+    else:
+        what = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device")
+        raise LumbarBMDError(
+            f"{role} {path} is {what}, not a regular file: LumbarBMD reads images only from files and folders"
+        )
+    return kind
+
+
+def _check_voxel_count(size: tuple[int, ...], components: int, limit: int, path: Path | str) -> None:
+    """Raise if the declared ``size`` (× ``components``) holds more voxels than ``limit``, before anything is read."""
+    n = math.prod(int(s) for s in size) * max(int(components), 1)
+    if n > limit:
+        raise LumbarBMDError(
+            f"{path} declares {n:,} voxels (size {_fmt_size(size)}), more than the limit of {limit:,} "
+            f"(about {4 * limit / 2**30:.1f} GiB as float32): its header is damaged, or the volume is far larger than "
+            f"a CT; if it is real, raise the limit with the environment variable {MAX_VOXELS_ENV}"
+        )
 
 
 def _file_format(path: Path) -> str:
@@ -193,14 +308,24 @@ def _is_dicom_file(path: Path) -> bool:
     return True
 
 
+#: Phrases of ITK/NRRD/MetaImage errors that mean the data stop before the size the header declares.
+_TRUNCATION_PHRASES = ("data not read completely", "but received", "unexpected end", "premature end", "short read")
+
+
 def _first_line(err: Exception) -> str:
-    """The most informative line of a SimpleITK error (its last non-empty line, without ITK's prefix)."""
+    """The most informative line of a SimpleITK error (a line telling the data ended early, else its last non-empty
+    line), without ITK's prefix."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if any(phrase in ln.lower() for phrase in _TRUNCATION_PHRASES):
+            return ln.removeprefix("sitk::ERROR:").strip()
     return lines[-1].removeprefix("sitk::ERROR:").strip() if lines else type(err).__name__
 
 
 def _not_readable(path: Path, err: Exception) -> LumbarBMDError:
     reason = _first_line(err)
+    if any(phrase in reason.lower() for phrase in _TRUNCATION_PHRASES):
+        return _truncated(path, f"({reason})")
     detail = "" if "Unable to determine ImageIO" in reason else f" ({reason})"
     return LumbarBMDError(
         f"could not read {path} as a medical image (NIfTI, NRRD, MetaImage or DICOM): the file is damaged "
@@ -208,8 +333,19 @@ def _not_readable(path: Path, err: Exception) -> LumbarBMDError:
     )
 
 
-def _read_image_file(path: Path) -> tuple[sitk.Image, dict]:
-    """Read one image file; header rescale keys are applied to unsigned stored values.
+def _truncated(path: Path, detail: str) -> LumbarBMDError:
+    return LumbarBMDError(
+        f"{path} is truncated or damaged: it holds less image data than its header declares {detail}; it was "
+        "probably cut during a copy or download: copy it again"
+    )
+
+
+def _read_image_file(path: Path, limit: int = MAX_VOXELS) -> tuple[sitk.Image, dict]:
+    """Read one image file, checked against its header; header rescale keys are applied to unsigned stored values.
+
+    The header is read first: dimension, components, voxel count (against ``limit``), voxel size and a detached data
+    file are checked before any voxel is read. A NIfTI file's voxels are read here (see :func:`_read_nifti`), NRRD
+    and MetaImage voxels by ITK, which refuses data shorter than declared.
 
     Returns the image (any pixel type, dimension checked later) and metadata
     (``format``, ``rescale`` when a header rescale was applied).
@@ -220,61 +356,198 @@ def _read_image_file(path: Path) -> tuple[sitk.Image, dict]:
         reader.ReadImageInformation()
     except RuntimeError as err:
         raise _not_readable(path, err) from None
-    _check_dimension_and_components(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
+    size = reader.GetSize()
+    _check_dimension_and_components(reader.GetDimension(), size, reader.GetNumberOfComponents(), path)
+    if 0 in size:
+        raise LumbarBMDError(f"{path} is an empty image (0 voxels, size {_fmt_size(size)})")
+    _check_voxel_count(size, reader.GetNumberOfComponents(), limit, path)
+    fmt = _file_format(path)
+    meta: dict = {"format": fmt if fmt != "unknown" else reader.GetImageIO() or "unknown"}
+    if fmt == "NIfTI":
+        img = _read_nifti(path, reader)
+        if img is not None:
+            return img, meta
+    elif fmt in ("NRRD", "MetaImage"):
+        _check_text_header(path, fmt, reader)
     _check_spacing(reader.GetSpacing()[:3], path)  # ITK refuses to load a zero spacing: check it first
     try:
         img = reader.Execute()
     except RuntimeError as err:
         raise _not_readable(path, err) from None
-    fmt = _file_format(path)
-    meta: dict = {"format": fmt if fmt != "unknown" else reader.GetImageIO() or "unknown"}
+    if fmt == "NIfTI":  # ITK already applies NIfTI's scl_slope / scl_inter (only for voxel types ITK reads itself)
+        return img, meta
     header = {k.lower(): reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
-    if fmt == "NIfTI":  # ITK already applies NIfTI's scl_slope / scl_inter
-        img = _restore_nifti_nonfinite(img, path)
-    else:
-        img = _apply_header_rescale(img, header, path, meta)
-    return img, meta
+    return _apply_header_rescale(img, header, path, meta), meta
 
 
-def _restore_nifti_nonfinite(img: sitk.Image, path: Path) -> sitk.Image:
-    """Put back as NaN the voxels that the NIfTI library silently turned from NaN/inf into 0.
-
-    ITK's NIfTI reader replaces non-finite floats with 0 (which would read as water, 0 HU); the raw
-    data are scanned here so that such voxels are reported and set to air like in other formats.
-    """
-    mask = _nifti_nonfinite_mask(path)
-    if mask is None or mask.size != img.GetNumberOfPixels() or not mask.any():
-        return img
-    arr = sitk.GetArrayFromImage(sitk.Cast(img, sitk.sitkFloat32))
-    arr.reshape(-1)[mask] = np.nan
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(img)
-    return out
-
-
-def _nifti_nonfinite_mask(path: Path) -> np.ndarray | None:
-    """Flat mask (file order, x fastest) of non-finite voxels of a float NIfTI-1/2 file, else None."""
+def _nifti_header(path: Path) -> dict | None:
+    """The fields of a NIfTI-1/2 header that describe its voxels (``endian``, ``datatype``, ``bitpix``, ``dim``,
+    ``pixdim``, ``vox_offset``, ``scl_slope``, ``scl_inter``), read from the first 540 bytes; None if not NIfTI."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-        layouts = {348: (70, 40, "i2", 108, "f4"), 540: (12, 16, "i8", 168, "i8")}  # NIfTI-1, NIfTI-2
-        for endian in "<>":
-            size = int(np.frombuffer(raw, endian + "i4", 1, 0)[0])
-            if size in layouts:
-                break
-        else:
-            return None
-        dt_at, dim_at, dim_type, off_at, off_type = layouts[size]
-        dtype = {16: "f4", 64: "f8"}.get(int(np.frombuffer(raw, endian + "i2", 1, dt_at)[0]))
-        if dtype is None:
-            return None
-        dim = np.frombuffer(raw, endian + dim_type, 8, dim_at).astype(int)
-        count = int(np.prod(dim[1 : dim[0] + 1]))
-        offset = int(np.frombuffer(raw, endian + off_type, 1, off_at)[0])
-        return ~np.isfinite(np.frombuffer(raw, endian + dtype, count, offset))
-    except (OSError, ValueError, EOFError, IndexError):
+            raw = f.read(540)
+    except (OSError, EOFError, zlib.error):
         return None
+    for endian in "<>":
+        if len(raw) >= 4 and (size := int(np.frombuffer(raw, endian + "i4", 1, 0)[0])) in _NIFTI_LAYOUTS:
+            break
+    else:
+        return None
+    if len(raw) < size:
+        return None
+    header: dict = {"endian": endian, "sizeof_hdr": size}
+    for name, (offset, code, count) in _NIFTI_LAYOUTS[size].items():
+        values = np.frombuffer(raw, endian + code, count, offset)
+        header[name] = values.tolist() if count > 1 else values[0].item()
+    return header
+
+
+def _read_nifti(path: Path, reader: sitk.ImageFileReader) -> sitk.Image | None:
+    """Read a NIfTI file's voxels after checking them against its header; None for voxel types left to ITK.
+
+    ITK reads the geometry (qform/sform) but neither notices a file cut short (the missing slices read as 0) nor keeps
+    NaN/inf voxels (it sets them to 0, water). So the voxels are read here: the file (or its gzip stream, all members,
+    CRC checked) must hold ``vox_offset + prod(dim) × bitpix / 8`` bytes; NaN/inf stay NaN/inf (reported and set to air
+    later); ``scl_slope``/``scl_inter`` are applied as ITK and nifti1_io do (a zero or non-finite slope: no scaling).
+    """
+    h = _nifti_header(path)
+    if h is None:
+        return None
+    ndim = int(h["dim"][0])
+    pixdim = h["pixdim"][1:4]
+    if not all(math.isfinite(v) and v != 0 for v in pixdim):
+        raise LumbarBMDError(
+            f"the voxel size of {path} is missing from its header (pixdim = {_fmt_mm(tuple(pixdim))} mm): LumbarBMD "
+            "does not guess voxel sizes; export the CT again from its DICOM series"
+        )
+    dtype = _NIFTI_DTYPES.get(int(h["datatype"]))
+    if dtype is None or not 3 <= ndim <= 7:
+        return None
+    count = math.prod(int(d) for d in h["dim"][1 : ndim + 1])
+    offset = int(h["vox_offset"])
+    expected = offset + count * np.dtype(dtype).itemsize
+    if path.name.lower().endswith(".gz"):
+        data = np.frombuffer(_inflate_exactly(path, expected), h["endian"] + dtype, count, offset)
+    else:
+        have = path.stat().st_size
+        if have < expected:
+            raise _truncated(path, f"({have:,} of {expected:,} bytes)")
+        data = np.fromfile(path, h["endian"] + dtype, count, offset=offset)
+    size = reader.GetSize()
+    arr = data.reshape(size[2], size[1], size[0])
+    slope, inter = float(h["scl_slope"]), float(h["scl_inter"])
+    if math.isfinite(slope) and slope != 0 and (slope != 1 or (math.isfinite(inter) and inter != 0)):
+        arr = arr.astype(np.float32) * np.float32(slope) + np.float32(inter if math.isfinite(inter) else 0.0)
+    img = sitk.GetImageFromArray(arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("=")))
+    img.SetSpacing(reader.GetSpacing()[:3])
+    img.SetOrigin(reader.GetOrigin()[:3])
+    dim = reader.GetDimension()
+    img.SetDirection(tuple(np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3].flatten()))
+    return img
+
+
+def _inflate_exactly(path: Path, expected: int) -> bytearray:
+    """The first ``expected`` bytes of the gzip file ``path`` (all its members), raising if the stream is shorter,
+    damaged (bad CRC or deflate data) or cut before its end; the whole stream is checked, in one pass."""
+    stored = path.stat().st_size
+    if expected > _MAX_DEFLATE_RATIO * stored + 1024:
+        raise _truncated(path, f"(a {stored:,}-byte gzip file cannot hold the {expected:,} bytes declared)")
+    out = bytearray(expected)
+    pos = 0
+    in_member = False  # inside a gzip member whose end (its trailer) has not been reached yet
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)  # gzip wrapper: each member's CRC32 and size are checked
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK_BYTES):
+                while chunk and (in_member or chunk.strip(b"\0")):  # zero padding after the last member is allowed
+                    in_member = True
+                    piece = inflater.decompress(chunk)
+                    n = min(len(piece), expected - pos)
+                    out[pos : pos + n] = memoryview(piece)[:n]
+                    pos += n
+                    chunk = b""
+                    if inflater.eof:  # end of a member: the next one follows (files this project writes have several)
+                        chunk, in_member = inflater.unused_data, False
+                        inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    except zlib.error as err:
+        raise LumbarBMDError(f"{path} is damaged: its gzip-compressed data are corrupt ({err}); copy it again") \
+            from None
+    if pos < expected:
+        raise _truncated(path, f"({pos:,} of {expected:,} bytes once decompressed)")
+    if in_member:
+        raise _truncated(path, "(its compressed stream stops before the gzip trailer)")
+    return out
+
+
+
+_TEXT_HEADER_BYTES = 1 << 16  # NRRD / MetaImage text headers are a few hundred bytes; read at most this much
+
+
+def _text_header(path: Path, fmt: str) -> dict[str, str]:
+    """Fields (lower-case keys) of a NRRD (``key: value``) or MetaImage (``Key = Value``) text header; for MetaImage
+    also ``"_header_bytes"``, where attached data begin."""
+    with path.open("rb") as f:
+        text = f.read(_TEXT_HEADER_BYTES).decode("latin-1")
+    fields: dict[str, str] = {}
+    if fmt == "MetaImage":
+        end = text.lower().find("elementdatafile")
+        end = text.find("\n", end) if end >= 0 else -1
+        fields["_header_bytes"] = str(end + 1 if end >= 0 else len(text))
+    for line in text.splitlines()[1 if fmt == "NRRD" else 0 :]:
+        if fmt == "NRRD":
+            if not line.strip():
+                break  # the blank line ending a NRRD header (attached data follow)
+            if line.startswith("#") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.lstrip("=").strip()
+        elif "=" in line:
+            key, _, value = line.partition("=")
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                break  # the last MetaImage field (attached data follow)
+    return fields
+
+
+#: Bytes per voxel of the single-component SimpleITK pixel types.
+_PIXEL_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
+
+
+def _check_text_header(path: Path, fmt: str, reader: sitk.ImageFileReader) -> None:
+    """Raise if a NRRD/MetaImage header gives no voxel size, names a data file that is missing, unreadable or not a
+    regular file (e.g. ``/dev/zero``, which ITK would read without end), or (MetaImage) its data file holds fewer bytes
+    than declared (ITK only prints that to the console and raises "No such file or directory")."""
+    fields = _text_header(path, fmt)
+    spacing_keys = ("spacings", "space directions") if fmt == "NRRD" else ("ElementSpacing", "ElementSize")
+    if not any(k.lower() in fields for k in spacing_keys):
+        raise LumbarBMDError(
+            f"the voxel size of {path} is missing from its header (no {' or '.join(spacing_keys)} field): LumbarBMD "
+            "does not guess voxel sizes; add it to the header or export the CT again"
+        )
+    data = fields.get("data file", fields.get("datafile", "")) if fmt == "NRRD" else fields.get("elementdatafile", "")
+    if fmt == "MetaImage" and data.upper() == "LOCAL":
+        _check_metaimage_size(path, fields, reader, int(fields["_header_bytes"]))
+    if not data or data.upper() == "LOCAL" or data.upper().startswith("LIST") or "%" in data:
+        return  # attached data (NRRD: ITK checks them against the declared size) or a list of files
+    data_path = Path(data) if Path(data).is_absolute() else path.parent / data
+    _check_path(data_path, f"the data file named by {path.name}")
+    if fmt == "MetaImage":
+        _check_metaimage_size(data_path, fields, reader, 0)
+
+
+def _check_metaimage_size(data_path: Path, fields: dict[str, str], reader: sitk.ImageFileReader, skip: int) -> None:
+    """Raise if the MetaImage data (from byte ``skip`` of ``data_path``) are shorter than the header declares:
+    ``CompressedDataSize`` when compressed, else voxels × bytes per voxel."""
+    have = data_path.stat().st_size - skip
+    if fields.get("compresseddata", "false").lower() == "true":
+        size = fields.get("compresseddatasize", "")
+        need = int(float(size)) if _is_number(size) else 0
+    else:
+        need = math.prod(reader.GetSize()) * _PIXEL_BYTES.get(reader.GetPixelID(), 0)
+    if have < need:
+        raise _truncated(data_path, f"({have:,} of {need:,} bytes)")
 
 
 def _header_float(header: dict[str, str], keys: tuple[str, ...]) -> float | None:
@@ -407,8 +680,9 @@ def _to_ct_volume(img: sitk.Image, path: Path | str, meta: dict) -> CTVolume:
         original_orientation=_orientation_code(original_direction),
         orientation="LPS",
     )
-    oriented = reorient_to_lps(sitk.Cast(img, sitk.sitkFloat32))
-    hu = sitk.GetArrayFromImage(oriented)
+    # reorient in the stored pixel type (half the bytes of float32 for int16), then one copy to float32 HU
+    oriented = img if meta["original_orientation"] == "LPS" else reorient_to_lps(img)
+    hu = sitk.GetArrayViewFromImage(oriented).astype(np.float32)
     meta["reoriented"] = meta["original_orientation"] != "LPS"
     meta["obliquity_deg"] = _obliquity_deg(oriented.GetDirection())
     _check_values(hu, path, meta)
@@ -519,17 +793,20 @@ def _check_values(hu: np.ndarray, path: Path | str, meta: dict) -> None:
     Args:
         hu: float32 HU array ``(nz, ny, nx)``, modified in place.
     """
-    finite = np.isfinite(hu)
-    n_bad = int(hu.size - np.count_nonzero(finite))
+    lo, hi = float(hu.min()), float(hu.max())  # NaN propagates through min/max: no voxel-sized mask when all finite
+    finite = np.isfinite(hu) if not (math.isfinite(lo) and math.isfinite(hi)) else None
+    n_bad = 0 if finite is None else int(hu.size - np.count_nonzero(finite))
     meta["nonfinite_voxels"] = n_bad
     if n_bad > MAX_NONFINITE_FRACTION * hu.size:
         raise LumbarBMDError(
             f"{path} has {n_bad} voxels ({100 * n_bad / hu.size:.1f} %) that are not numbers (NaN or infinite): "
             "the image is damaged or is not a CT"
         )
-    values = hu[finite] if n_bad else hu
-    if values.size == 0 or values.min() == values.max():
-        value = f" ({values.min():g} everywhere)" if values.size else ""
+    if n_bad:
+        values = hu[finite]
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
+    if not lo < hi:  # constant, or nothing finite (NaN)
+        value = f" ({lo:g} everywhere)" if math.isfinite(lo) else ""
         raise LumbarBMDError(f"{path} is an empty image: all voxels have the same value{value}")
     if n_bad:
         hu[~finite] = AIR_HU
@@ -583,6 +860,10 @@ class _Series:
     image_type: str = ""
     series_number: int | None = None
     frames: int = 1
+    slice_thickness: float | None = None
+    rows: int = 0
+    columns: int = 0
+    pixel_spacing: str = ""
     skip_reason: str = ""
 
     @property
@@ -656,9 +937,34 @@ def _find_series(folder: Path, recursive: bool = True) -> list[_Series]:
         s.series_number = int(float(number)) if _is_number(number) else None
         frames = _tag(r, "0028|0008")
         s.frames = int(float(frames)) if _is_number(frames) else 1
+        thickness = _tag(r, "0018|0050")
+        s.slice_thickness = float(thickness) if _is_number(thickness) and float(thickness) > 0 else None
+        rows, columns = _tag(r, "0028|0010"), _tag(r, "0028|0011")
+        s.rows = int(float(rows)) if _is_number(rows) else 0
+        s.columns = int(float(columns)) if _is_number(columns) else 0
+        s.pixel_spacing = _tag(r, "0028|0030")
         series.append(s)
     series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.description, s.uid))
     return series
+
+
+def _unread_dicom_files(folder: Path, recursive: bool, series: list[_Series]) -> list[str]:
+    """Files under ``folder`` that carry the DICOM mark ("DICM" after the 128-byte preamble) but that GDCM put in no
+    series: damaged or cut files (GDCM leaves out a file that is even one byte short)."""
+    grouped = {os.path.realpath(f) for s in series for f in s.files}
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    unread = []
+    for p in sorted(candidates):
+        if not p.is_file() or os.path.realpath(p) in grouped:  # is_file follows links; FIFOs and devices are not files
+            continue
+        try:
+            with p.open("rb") as f:
+                marked = f.read(132)[128:] == b"DICM"
+        except OSError:
+            continue
+        if marked:
+            unread.append(str(p))
+    return unread
 
 
 def _is_number(text: str) -> bool:
@@ -669,10 +975,40 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _choose_series(series: list[_Series], folder: Path) -> _Series:
-    """Pick the CT series to read: not a localizer, ≥ 3 slices, ORIGINAL before DERIVED, most slices.
+def _is_derived(s: _Series) -> bool:
+    return "DERIVED" in s.image_type.split("\\")
 
-    Sets ``skip_reason`` on every other series. Raises when no usable CT series exists.
+
+def _choice_key(s: _Series) -> tuple:
+    """Order of preference among usable CT series: ORIGINAL before DERIVED, most slices, thinnest slices, latest
+    series number, then the series UID (so that the choice never depends on the order of files on disk)."""
+    thickness = s.slice_thickness if s.slice_thickness is not None else math.inf
+    return (not _is_derived(s), s.n_slices, -thickness, s.series_number if s.series_number is not None else -1, s.uid)
+
+
+def _skip_reason(s: _Series, best: _Series) -> str:
+    """Why the usable series ``s`` was not chosen over ``best``: the first criterion of :func:`_choice_key` that
+    differs."""
+    if _is_derived(s) and not _is_derived(best):
+        return "derived (reformatted) series"
+    if s.n_slices != best.n_slices:
+        return "fewer slices"
+    same = f"same number of slices ({s.n_slices}) as the series used"
+    if s.slice_thickness != best.slice_thickness:
+        mine = f"{s.slice_thickness:g} mm" if s.slice_thickness is not None else "not recorded"
+        return f"{same}, which has thinner slices ({best.slice_thickness:g} mm; this one: {mine})"
+    if s.series_number != best.series_number:
+        return f"{same} and the same slice thickness; the series used has the later series number " \
+               f"({best.series_number} vs {s.series_number})"
+    return f"{same}, the same slice thickness and series number; the series used has the larger series UID"
+
+
+def _choose_series(series: list[_Series], folder: Path) -> _Series:
+    """Pick the CT series to read: not a localizer, ≥ 3 slices, then by :func:`_choice_key` (ORIGINAL before DERIVED,
+    most slices, thinnest slices, latest series number).
+
+    Sets ``skip_reason`` on every other series (the true reason, see :func:`_skip_reason`). Raises when no usable CT
+    series exists.
     """
     for s in series:
         if s.skip_reason:
@@ -686,10 +1022,10 @@ def _choose_series(series: list[_Series], folder: Path) -> _Series:
     usable = [s for s in series if not s.skip_reason]
     if not usable:
         raise LumbarBMDError(_no_ct_message(series, folder))
-    best = max(usable, key=lambda s: ("DERIVED" not in s.image_type.split("\\"), s.n_slices))
+    best = max(usable, key=_choice_key)
     for s in usable:
         if s is not best:
-            s.skip_reason = "derived (reformatted) series" if "DERIVED" in s.image_type else "fewer slices"
+            s.skip_reason = _skip_reason(s, best)
     return best
 
 
@@ -716,10 +1052,14 @@ def _choice_sentence(series: list[_Series], used: _Series) -> str:
     return sentence
 
 
-def _read_dicom_folder(folder: Path, only_file: Path | None = None) -> tuple[sitk.Image, dict]:
+def _read_dicom_folder(
+    folder: Path, limit: int = MAX_VOXELS, only_file: Path | None = None
+) -> tuple[sitk.Image, dict]:
     """Read the best CT series under ``folder`` (or the series of ``only_file``) in HU.
 
-    SimpleITK's GDCM reader applies each slice's RescaleSlope/RescaleIntercept, so values are HU.
+    Before any pixel is read: the series' voxel count is checked against ``limit``, its pixel spacing and every
+    slice's position must be recorded, and every file must hold the pixel data its Rows × Columns × BitsAllocated ×
+    frames declare. SimpleITK's GDCM reader applies each slice's RescaleSlope/RescaleIntercept, so values are HU.
     Returns the image and metadata (``format``, ``modality``, the series used, the others, the choice).
     """
     series = _find_series(folder, recursive=only_file is None)
@@ -731,7 +1071,11 @@ def _read_dicom_folder(folder: Path, only_file: Path | None = None) -> tuple[sit
             f"no DICOM series found in folder {folder} (it is empty or holds no DICOM images; to read a NIfTI, "
             "NRRD or MetaImage file, give the file's path)"
         )
+    unread = _unread_dicom_files(folder, only_file is None, series) if only_file is None else []
     used = _choose_series(series, folder)
+    _check_voxel_count((used.columns, used.rows, used.n_slices), 1, limit, f"DICOM series {used.label()} in {folder}")
+    _check_pixel_spacing(used, folder)
+    _check_pixel_data(used, folder)
     choice = _choice_sentence(series, used)
     log.info("DICOM %s: %s", folder, choice)
     meta: dict = {
@@ -743,12 +1087,19 @@ def _read_dicom_folder(folder: Path, only_file: Path | None = None) -> tuple[sit
         "dicom_series_used": used.summary(),
         "dicom_other_series": [s.summary() for s in series if s is not used],
         "dicom_choice": choice,
+        "dicom_unreadable_files": unread,
         "warnings": [],
     }
+    if unread:
+        meta["warnings"].append(
+            f"{len(unread)} file(s) in {folder} are marked as DICOM but could not be read (damaged or cut short), e.g. "
+            f"{unread[0]}; they were left out"
+        )
+        log.warning(meta["warnings"][-1])
     if len(used.files) == 1:
         meta["warnings"].append("multi-frame DICOM file: slice positions were not checked for gaps")
         return _execute(sitk.ImageFileReader(), used.files, folder), meta
-    files = _sorted_checked_slices(used, folder)
+    files = _sorted_checked_slices(used, folder, unread)
     return _execute(sitk.ImageSeriesReader(), files, folder), meta
 
 
@@ -769,6 +1120,69 @@ def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, files: list[
         ) from None
 
 
+def _check_pixel_spacing(series: _Series, folder: Path) -> None:
+    """Raise if the series' PixelSpacing (0028,0030) is missing, zero or not a number (GDCM would assume 1 mm)."""
+    parts = series.pixel_spacing.split("\\")
+    if len(parts) == 2 and all(_is_number(v) and float(v) > 0 for v in parts):
+        return
+    raise LumbarBMDError(
+        f"DICOM series {series.label()} in {folder} records no valid pixel size (PixelSpacing = "
+        f"{series.pixel_spacing or 'missing'}): LumbarBMD does not guess voxel sizes; export the series again"
+    )
+
+
+#: DICOM PixelData stored with an undefined length is encapsulated (compressed); its size is checked by the decoder.
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _pixel_data_bytes(file: str, pydicom: ModuleType | None) -> tuple[int, int] | None:
+    """``(bytes present, bytes needed)`` of a DICOM file's uncompressed PixelData, or None when not checkable here.
+
+    Needed: Rows × Columns × SamplesPerPixel × ⌈BitsAllocated / 8⌉ × NumberOfFrames. Present: the element's length,
+    capped by what the file holds after the element starts (pydicom reads the header and defers the pixel value).
+    Without pydicom, the file size is an upper bound of what is present.
+    """
+    size = os.path.getsize(file)
+    if pydicom is None:
+        r = _dicom_header(file)
+        keys, defaults = ("0028|0010", "0028|0011", "0028|0002", "0028|0100", "0028|0008"), (0, 0, 1, 16, 1)
+        rows, cols, spp, bits, frames = (
+            int(float(v)) if _is_number(v := _tag(r, k)) else d for k, d in zip(keys, defaults, strict=True)
+        )
+        return size, rows * cols * spp * -(-bits // 8) * frames
+    try:
+        ds = pydicom.dcmread(file, defer_size=1024, force=True)
+        elem = ds.get_item(0x7FE00010)
+        if elem is None:
+            return (0, 1) if "Rows" in ds else None  # an image header without pixel data
+        length = int(elem.length)
+        if length == _UNDEFINED_LENGTH:
+            return None
+        present = min(length, max(size - int(elem.value_tell), 0))
+        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * -(-int(ds.BitsAllocated) // 8) * int(ds.get("NumberOfFrames", 1) or 1))
+    except (OSError, ValueError, TypeError, AttributeError, EOFError, KeyError):
+        return None  # pydicom cannot parse it: GDCM, which read its header, decides
+    return present, need
+
+
+def _check_pixel_data(series: _Series, folder: Path) -> None:
+    """Raise, naming the file, if a file of ``series`` holds less pixel data than its header declares (a cut file
+    would otherwise be read as garbage, e.g. HU up to 64511)."""
+    try:
+        import pydicom
+    except ImportError:  # a development dependency: without it the file size bounds the pixel data
+        pydicom = None
+    for file in series.files:
+        sizes = _pixel_data_bytes(file, pydicom)
+        if sizes is not None and sizes[0] < sizes[1]:
+            raise LumbarBMDError(
+                f"DICOM file {file} of series {series.label()} in {folder} is truncated or damaged: it holds "
+                f"{sizes[0]:,} bytes of pixel data where its header declares {sizes[1]:,}; the series was not read "
+                "(copy it again from the scanner or PACS)"
+            )
+
+
 def _slice_geometry(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """ImagePositionPatient ``(n, 3)`` and ImageOrientationPatient ``(n, 6)`` of each file (NaN if absent)."""
     positions = np.full((len(files), 3), np.nan)
@@ -782,12 +1196,18 @@ def _slice_geometry(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return positions, orientations
 
 
-def _sorted_checked_slices(series: _Series, folder: Path) -> list[str]:
+def _sorted_checked_slices(series: _Series, folder: Path, unread: list[str] | None = None) -> list[str]:
     """Slice files sorted along the slice normal; raise on mixed orientations, duplicates or gaps."""
     positions, orientations = _slice_geometry(series.files)
     name = series.label()
-    if np.isnan(positions).any() or np.isnan(orientations).any():
-        return list(series.files)  # no geometry to check: keep GDCM's order
+    missing = np.isnan(positions).any(axis=1) | np.isnan(orientations).any(axis=1)
+    if missing.any():
+        raise LumbarBMDError(
+            f"DICOM series {name} in {folder} has no slice position (ImagePositionPatient / ImageOrientationPatient) "
+            f"in {int(missing.sum())} file(s), e.g. {Path(series.files[int(np.argmax(missing))]).name}: the order and "
+            "spacing of its slices are unknown and LumbarBMD does not guess them; export the series again with its "
+            "geometry"
+        )
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         raise LumbarBMDError(
             f"the slices of DICOM series {name} in {folder} have different orientations: it is not one volume"
@@ -808,6 +1228,8 @@ def _sorted_checked_slices(series: _Series, folder: Path) -> list[str]:
         raise LumbarBMDError(
             f"DICOM series {name} in {folder} has missing slices or non-uniform slice spacing: a gap of "
             f"{steps[at]:.2f} mm after slice {at + 1} where the spacing is {median:.2f} mm"
+            + (f"; {len(unread)} damaged or cut DICOM file(s) in the folder could not be read, e.g. {unread[0]}: "
+               "copy them again" if unread else "")
         )
     _check_no_tilt(positions[order], normal, name, folder)
     return [series.files[i] for i in order]
