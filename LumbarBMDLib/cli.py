@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--allow-unverified-model", action="store_true",
                    help="accept a model whose card has no sha256 (recorded as models_verified: false)")
+    p.add_argument("--max-voxels", type=int, metavar="N",
+                   help="refuse volumes with more voxels than this (default: $LUMBARBMD_MAX_VOXELS or 2**30, about "
+                        "4 GiB as float32)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("phantom", help="write synthetic lumbar CTs with exact ground truth")
@@ -299,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("annotate", help="find the canal and write the 20-slice mean sagittal image for annotators")
     p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-voxels", type=int, metavar="N",
+                   help="refuse volumes with more voxels than this (default: $LUMBARBMD_MAX_VOXELS or 2**30, about "
+                        "4 GiB as float32)")
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("segment", help="segment L1-L4 on the sagittal candidates of a CT (R2U-Net)")
@@ -308,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--allow-unverified-model", action="store_true",
                    help="accept a model whose card has no sha256 (recorded as models_verified: false)")
+    p.add_argument("--max-voxels", type=int, metavar="N",
+                   help="refuse volumes with more voxels than this (default: $LUMBARBMD_MAX_VOXELS or 2**30, about "
+                        "4 GiB as float32)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("train-seg", help="train the L1-L4 R2U-Net on annotation image/label pairs")
@@ -361,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="read a CT file or DICOM folder and describe it")
     p.add_argument("input", help="NIfTI / NRRD / MHA file or DICOM folder")
+    p.add_argument("--max-voxels", type=int, metavar="N",
+                   help="refuse volumes with more voxels than this (default: $LUMBARBMD_MAX_VOXELS or 2**30, about "
+                        "4 GiB as float32)")
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -395,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "cases", 1) < 1:
         parser.error("--cases must be at least 1")
+    if getattr(args, "max_voxels", None) is not None:
+        if args.max_voxels < 1:
+            parser.error("--max-voxels must be a positive number of voxels")
+        os.environ["LUMBARBMD_MAX_VOXELS"] = str(args.max_voxels)  # read by volume.read_ct for every input
     try:
         check_outputs(args)
         return int(args.func(args))

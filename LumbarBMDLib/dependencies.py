@@ -27,9 +27,10 @@ RUNTIME_REQUIREMENTS: tuple[str, ...] = (
     "matplotlib>=3.7",
     "tqdm>=4.65",
     "packaging>=21",
+    "pydicom>=2.4",  # each DICOM slice's pixel data checked against its header (a cut file is refused)
 )
 #: Shipped with 3D Slicer: never pip-installed into Slicer's Python (replacing them would break Slicer itself).
-BUNDLED_WITH_SLICER: tuple[str, ...] = ("numpy", "SimpleITK", "packaging")
+BUNDLED_WITH_SLICER: tuple[str, ...] = ("numpy", "SimpleITK", "packaging", "pydicom")
 
 
 def missing_requirements(requirements: tuple[str, ...] = RUNTIME_REQUIREMENTS) -> list[Requirement]:

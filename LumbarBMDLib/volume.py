@@ -18,9 +18,8 @@ import shutil
 import stat
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +27,7 @@ from types import ModuleType
 import numpy as np
 import SimpleITK as sitk
 
+from LumbarBMDLib import durable
 from LumbarBMDLib.errors import LumbarBMDError
 
 
@@ -281,7 +281,7 @@ def _check_voxel_count(size: tuple[int, ...], components: int, limit: int, path:
         raise LumbarBMDError(
             f"{path} declares {n:,} voxels (size {_fmt_size(size)}), more than the limit of {limit:,} "
             f"(about {4 * limit / 2**30:.1f} GiB as float32): its header is damaged, or the volume is far larger than "
-            f"a CT; if it is real, raise the limit with the environment variable {MAX_VOXELS_ENV}"
+            f"a CT; if it is real, raise the limit with --max-voxels or the environment variable {MAX_VOXELS_ENV}"
         )
 
 
@@ -340,7 +340,7 @@ def _truncated(path: Path, detail: str) -> LumbarBMDError:
     )
 
 
-def _read_image_file(path: Path, limit: int = MAX_VOXELS) -> tuple[sitk.Image, dict]:
+def _read_image_file(path: Path, limit: int = MAX_VOXELS) -> tuple[sitk.Image | _Voxels, dict]:
     """Read one image file, checked against its header; header rescale keys are applied to unsigned stored values.
 
     The header is read first: dimension, components, voxel count (against ``limit``), voxel size and a detached data
@@ -403,7 +403,7 @@ def _nifti_header(path: Path) -> dict | None:
     return header
 
 
-def _read_nifti(path: Path, reader: sitk.ImageFileReader) -> sitk.Image | None:
+def _read_nifti(path: Path, reader: sitk.ImageFileReader) -> _Voxels | None:
     """Read a NIfTI file's voxels after checking them against its header; None for voxel types left to ITK.
 
     ITK reads the geometry (qform/sform) but neither notices a file cut short (the missing slices read as 0) nor keeps
@@ -439,12 +439,45 @@ def _read_nifti(path: Path, reader: sitk.ImageFileReader) -> sitk.Image | None:
     slope, inter = float(h["scl_slope"]), float(h["scl_inter"])
     if math.isfinite(slope) and slope != 0 and (slope != 1 or (math.isfinite(inter) and inter != 0)):
         arr = arr.astype(np.float32) * np.float32(slope) + np.float32(inter if math.isfinite(inter) else 0.0)
-    img = sitk.GetImageFromArray(arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("=")))
-    img.SetSpacing(reader.GetSpacing()[:3])
-    img.SetOrigin(reader.GetOrigin()[:3])
     dim = reader.GetDimension()
-    img.SetDirection(tuple(np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3].flatten()))
-    return img
+    direction = tuple(np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3].flatten())
+    return _Voxels(arr, reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction)
+
+
+@dataclass
+class _Voxels:
+    """Voxels read without SimpleITK (numpy ``(z, y, x)``, any byte order) with the geometry ITK read from the header.
+
+    Offers the few ``sitk.Image`` methods that :func:`_to_ct_volume` uses, so that a full-size volume is not copied
+    into a SimpleITK image only to be copied out again.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def GetDimension(self) -> int:
+        return 3
+
+    def GetSize(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape[::-1])  # type: ignore[return-value]
+
+    def GetNumberOfComponentsPerPixel(self) -> int:
+        return 1
+
+    def GetSpacing(self) -> tuple[float, ...]:
+        return self.spacing
+
+    def GetOrigin(self) -> tuple[float, ...]:
+        return self.origin
+
+    def GetDirection(self) -> tuple[float, ...]:
+        return self.direction
+
+    def TransformIndexToPhysicalPoint(self, index: list[int]) -> tuple[float, ...]:
+        d = np.array(self.direction).reshape(3, 3)
+        return tuple(float(v) for v in np.array(self.origin) + d @ (np.array(self.spacing) * np.array(index)))
 
 
 def _inflate_exactly(path: Path, expected: int) -> bytearray:
@@ -608,7 +641,7 @@ def _check_dimension_and_components(dim: int, size: tuple[int, ...], components:
         raise LumbarBMDError(f"{path} is a {dim}-D image: LumbarBMD needs a 3-D CT volume")
 
 
-def _as_3d(img: sitk.Image) -> sitk.Image:
+def _as_3d(img: sitk.Image | _Voxels) -> sitk.Image | _Voxels:
     """Drop trailing length-1 axes of a 4-D (or higher) image."""
     if img.GetDimension() <= 3:
         return img
@@ -616,7 +649,7 @@ def _as_3d(img: sitk.Image) -> sitk.Image:
     return sitk.Extract(img, [*size[:3], *[0] * (len(size) - 3)], [0] * len(size))
 
 
-def _check_geometry(img: sitk.Image, path: Path | str) -> None:
+def _check_geometry(img: sitk.Image | _Voxels, path: Path | str) -> None:
     """Reject empty or thin volumes, implausible spacing and non-orthogonal direction cosines."""
     size = img.GetSize()
     if 0 in size:
@@ -664,7 +697,7 @@ def validated_ct(img: sitk.Image, source: str, metadata: dict | None = None) -> 
     return _to_ct_volume(img, source, dict(metadata or {}))
 
 
-def _to_ct_volume(img: sitk.Image, path: Path | str, meta: dict) -> CTVolume:
+def _to_ct_volume(img: sitk.Image | _Voxels, path: Path | str, meta: dict) -> CTVolume:
     """Validate ``img``, convert it to float32 HU, reorient to axial LPS and wrap it in a CTVolume."""
     _check_dimension_and_components(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(), path)
     img = _as_3d(img)
@@ -680,22 +713,47 @@ def _to_ct_volume(img: sitk.Image, path: Path | str, meta: dict) -> CTVolume:
         original_orientation=_orientation_code(original_direction),
         orientation="LPS",
     )
-    # reorient in the stored pixel type (half the bytes of float32 for int16), then one copy to float32 HU
-    oriented = img if meta["original_orientation"] == "LPS" else reorient_to_lps(img)
-    hu = sitk.GetArrayViewFromImage(oriented).astype(np.float32)
+    hu, spacing, origin, direction = _lps_float32(img)
     meta["reoriented"] = meta["original_orientation"] != "LPS"
-    meta["obliquity_deg"] = _obliquity_deg(oriented.GetDirection())
+    meta["obliquity_deg"] = _obliquity_deg(direction)
     _check_values(hu, path, meta)
     if meta.get("modality") != "CT":
         _check_ct_intensities(hu, path)
     return CTVolume(
         hu=hu,
-        spacing=oriented.GetSpacing(),
-        origin=oriented.GetOrigin(),
-        direction=np.array(oriented.GetDirection()).reshape(3, 3),
+        spacing=spacing,
+        origin=origin,
+        direction=np.array(direction).reshape(3, 3),
         source=str(path),
         metadata=meta,
     )
+
+
+def _lps_float32(img: sitk.Image | _Voxels) -> tuple[np.ndarray, tuple, tuple, tuple]:
+    """The voxels of the 3-D ``img`` as float32 ``(z, y, x)`` reoriented to LPS, with spacing, origin and direction.
+
+    The same as :func:`reorient_to_lps` (``sitk.DICOMOrient``) followed by a cast, in one pass: ITK's
+    ``DICOMOrientImageFilter`` decides the axis permutation and flips (run on a 2 × 2 × 2 image of the same
+    direction); numpy applies them as a view of the stored voxels and copies that view once into float32. This
+    avoids two full-size copies (the reoriented image in its stored type and the SimpleITK → numpy copy).
+    """
+    orienter = sitk.DICOMOrientImageFilter()
+    orienter.SetDesiredCoordinateOrientation("LPS")
+    proxy = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    proxy.SetDirection(img.GetDirection())
+    direction = orienter.Execute(proxy).GetDirection()
+    order = [int(a) for a in orienter.GetPermuteOrder()]  # output index axis a is input axis order[a]
+    flips = [bool(f) for f in orienter.GetFlipAxes()]  # per output axis
+    voxels = img.array if isinstance(img, _Voxels) else sitk.GetArrayViewFromImage(img)
+    view = voxels.transpose([2 - order[2 - n] for n in range(3)])  # numpy axes are (k, j, i)
+    view = view[tuple(slice(None, None, -1) if flips[2 - n] else slice(None) for n in range(3))]
+    size, spacing = img.GetSize(), img.GetSpacing()
+    corner = [0, 0, 0]
+    for a in range(3):
+        if flips[a]:
+            corner[order[a]] = size[order[a]] - 1
+    origin = img.TransformIndexToPhysicalPoint(corner)
+    return view.astype(np.float32), tuple(spacing[order[a]] for a in range(3)), origin, direction
 
 
 #: Volumes whose index axes are more oblique than this are resampled onto an axial LPS grid before the analysis
@@ -1320,21 +1378,7 @@ def write_csv(path: str | Path, fieldnames: list[str], rows: Iterable[dict]) -> 
     return path
 
 
-@contextmanager
-def atomic_folder(final: str | Path) -> Iterator[Path]:
-    """A temporary sibling folder to fill; when the block ends normally it replaces ``final`` (renamed into place),
-    when it raises it is removed, so a folder is either complete or absent."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+atomic_folder = durable.atomic_folder  # (kept here for the writers that import it from volume)
 
 
 def _gzip_parallel(src: Path, dst: Path, parts: int = 2, level: int = 1) -> None:
