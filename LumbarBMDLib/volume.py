@@ -437,11 +437,12 @@ def _read_nifti(path: Path, reader: sitk.ImageFileReader) -> _Voxels | None:
     size = reader.GetSize()
     arr = data.reshape(size[2], size[1], size[0])
     slope, inter = float(h["scl_slope"]), float(h["scl_inter"])
-    if math.isfinite(slope) and slope != 0 and (slope != 1 or (math.isfinite(inter) and inter != 0)):
-        arr = arr.astype(np.float32) * np.float32(slope) + np.float32(inter if math.isfinite(inter) else 0.0)
+    if not (math.isfinite(slope) and slope != 0):  # NIfTI: a zero or non-finite slope means "no scaling"
+        slope, inter = 1.0, 0.0
     dim = reader.GetDimension()
     direction = tuple(np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3].flatten())
-    return _Voxels(arr, reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction)
+    return _Voxels(arr, reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction, slope,
+                   inter if math.isfinite(inter) else 0.0)
 
 
 @dataclass
@@ -456,6 +457,8 @@ class _Voxels:
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
     direction: tuple[float, ...]
+    slope: float = 1.0  # stored value × slope + intercept = HU, applied by ``_lps_float32`` in its one copy
+    intercept: float = 0.0
 
     def GetDimension(self) -> int:
         return 3
@@ -480,12 +483,57 @@ class _Voxels:
         return tuple(float(v) for v in np.array(self.origin) + d @ (np.array(self.spacing) * np.array(index)))
 
 
+#: The header ``gzip.compress(..., mtime=0)`` writes (no name, no time, OS unknown), as in the members of the files
+#: this project writes (``_gzip_parallel``): where a file holds several, they are inflated in parallel threads.
+_PLAIN_MEMBER_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
+
+
+def _inflate_members_in_parallel(path: Path, expected: int) -> bytearray | None:
+    """The file's bytes inflated member by member in threads (zlib releases the GIL), when its members can be
+    found by their plain headers and each one checks out (it ends exactly where the next begins, its CRC and size
+    are right); None otherwise (the serial pass then reads it and names any damage)."""
+    data = path.read_bytes()
+    starts = [0]
+    while (k := data.find(_PLAIN_MEMBER_HEADER, starts[-1] + 18)) > 0:
+        starts.append(k)
+    if len(starts) < 2 or not data.startswith(_PLAIN_MEMBER_HEADER):
+        return None
+    parts = [memoryview(data)[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
+    sizes = [int.from_bytes(bytes(p[-4:]), "little") for p in parts]  # ISIZE (members < 4 GiB)
+    if sum(sizes) < expected:
+        return None
+
+    def inflate(part: memoryview) -> bytes | None:
+        d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        try:
+            piece = d.decompress(part)
+        except zlib.error:
+            return None
+        return piece if d.eof and not d.unused_data else None
+
+    with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+        pieces = list(pool.map(inflate, parts))
+    if any(p is None or len(p) != n for p, n in zip(pieces, sizes, strict=True)):
+        return None  # a header-like byte run inside the data, or damage: the serial pass decides
+    out = bytearray(expected)
+    pos = 0
+    for piece in pieces:
+        n = min(len(piece), expected - pos)
+        out[pos : pos + n] = memoryview(piece)[:n]
+        pos += n
+    return out
+
+
 def _inflate_exactly(path: Path, expected: int) -> bytearray:
     """The first ``expected`` bytes of the gzip file ``path`` (all its members), raising if the stream is shorter,
-    damaged (bad CRC or deflate data) or cut before its end; the whole stream is checked, in one pass."""
+    damaged (bad CRC or deflate data) or cut before its end; the whole stream is checked, in one pass (members
+    inflated in parallel where they can be found, see :func:`_inflate_members_in_parallel`)."""
     stored = path.stat().st_size
     if expected > _MAX_DEFLATE_RATIO * stored + 1024:
         raise _truncated(path, f"(a {stored:,}-byte gzip file cannot hold the {expected:,} bytes declared)")
+    fast = _inflate_members_in_parallel(path, expected)
+    if fast is not None:
+        return fast
     out = bytearray(expected)
     pos = 0
     in_member = False  # inside a gzip member whose end (its trailer) has not been reached yet
@@ -747,13 +795,20 @@ def _lps_float32(img: sitk.Image | _Voxels) -> tuple[np.ndarray, tuple, tuple, t
     voxels = img.array if isinstance(img, _Voxels) else sitk.GetArrayViewFromImage(img)
     view = voxels.transpose([2 - order[2 - n] for n in range(3)])  # numpy axes are (k, j, i)
     view = view[tuple(slice(None, None, -1) if flips[2 - n] else slice(None) for n in range(3))]
+    # the one full-size copy: reoriented and cast together, reading the stored (often 2-byte) values once
+    hu = np.ascontiguousarray(view, dtype=np.float32)
+    if np.may_share_memory(hu, voxels):  # stored as float32 LPS already: never a view of ITK's (freed) buffer
+        hu = hu.copy()
+    if isinstance(img, _Voxels) and (img.slope != 1.0 or img.intercept != 0.0):
+        hu *= np.float32(img.slope)
+        hu += np.float32(img.intercept)
     size, spacing = img.GetSize(), img.GetSpacing()
     corner = [0, 0, 0]
     for a in range(3):
         if flips[a]:
             corner[order[a]] = size[order[a]] - 1
     origin = img.TransformIndexToPhysicalPoint(corner)
-    return view.astype(np.float32), tuple(spacing[order[a]] for a in range(3)), origin, direction
+    return hu, tuple(spacing[order[a]] for a in range(3)), origin, direction
 
 
 #: Volumes whose index axes are more oblique than this are resampled onto an axial LPS grid before the analysis
