@@ -57,6 +57,7 @@ except ImportError:
 from LumbarBMDLib import dependencies
 from LumbarBMDLib.errors import ComputationCancelled, LumbarBMDError
 from LumbarBMDLib.figures import CATEGORY_COLOURS, LEVEL_COLOURS
+from LumbarBMDLib.report import identified_by
 from LumbarBMDLib.sagittal import WINDOW_HU, SagittalGeometry
 from LumbarBMDLib.training_pair import LEVEL_NAMES, write_training_pair
 from LumbarBMDLib.volume import CTVolume, validated_ct
@@ -1047,21 +1048,8 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def identifiedBy(vertebra: dict) -> str:
-        """How a level was identified, in a few words: "T12 and sacrum, 1st below T12 (0.97)", "edited labels"."""
-        ident = vertebra.get("identification") or {}
-        anchor = ident.get("anchor")
-        if not anchor:
-            return ""
-        if anchor == "edited labels":
-            return "edited labels"
-        count = ident.get("count")
-        where = ("" if count is None else
-                 f", {count} above S1" if anchor == "sacrum" else f", {count} below T12")
-        confidence = ident.get("confidence")
-        text = f"{anchor}{where}" + ("" if confidence is None else f" ({confidence:.2f})")
-        if ident.get("source") == "classical outline":
-            text += "; outlined from the anatomy"
-        return text
+        """How a level was identified, in a few words (the report's words): "T12 and sacrum, 1 below T12 (0.97)"."""
+        return identified_by(vertebra, unidentified="")
 
     @staticmethod
     def resultMessage(results: dict) -> str:

@@ -24,6 +24,7 @@ partial) with the same input content are skipped unless ``force``; failed cases 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -39,8 +40,6 @@ import numpy as np
 from LumbarBMDLib import __version__
 from LumbarBMDLib.calibration import ScannerCalibration
 from LumbarBMDLib.durable import (
-    LOCK_FOLDER,
-    TMP_MARK,
     atomic_folder,
     atomic_write_text,
     case_lock,
@@ -276,19 +275,34 @@ def summary_row(case: str, results: dict, note: str = "") -> dict:
             "input_sha256": results.get("input_sha256") or "", "note": note or results.get("note") or ""}
 
 
-def write_summary(out_dir: Path, notes: dict[str, str] | None = None) -> Path:
+def write_summary(out_dir: Path, notes: dict[str, str] | None = None,
+                  cache: dict[str, tuple[int, dict]] | None = None) -> Path:
     """``DIR/summary.csv``: one row per case folder in ``DIR`` (this batch's and earlier ones'), rewritten
-    atomically under a lock so that two processes writing into one folder never lose each other's rows."""
+    atomically under a lock so that two processes writing into one folder never lose each other's rows.
+
+    ``cache`` (``{case: (results.json mtime in ns, row)}``, kept by the caller between calls) spares re-reading the
+    results.json of cases unchanged since the last call: a batch rewrites the summary after every case."""
     out_dir = Path(out_dir)
+    cache = {} if cache is None else cache
     with case_lock(out_dir, SUMMARY_LOCK):
         rows = []
         for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                mtime = (folder / "results.json").stat().st_mtime_ns
+            except OSError:
+                mtime = -1
+            note = (notes or {}).get(folder.name, "")
+            if folder.name in cache and cache[folder.name][0] == mtime and mtime >= 0:
+                rows.append(dict(cache[folder.name][1], note=note or cache[folder.name][1]["note"]))
+                continue
             previous, problem = read_previous(folder)
             if previous is None:
                 if problem != "it has no results.json":
                     rows.append({"case": folder.name, "status": "unknown", "error": f"{folder.name}: {problem}"})
                 continue
-            rows.append(summary_row(folder.name, previous, (notes or {}).get(folder.name, "")))
+            row = summary_row(folder.name, previous, note)
+            cache[folder.name] = (mtime, row)
+            rows.append(row)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, restval="")
         writer.writeheader()
@@ -314,13 +328,14 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     paths = [Path(raw).expanduser() for raw in inputs]
     outcomes = []
     notes: dict[str, str] = {}
+    summary_cache: dict[str, tuple[int, dict]] = {}
     for path, case_id in tqdm(list(zip(paths, case_ids(paths), strict=True)), desc="cases", unit="case",
                               disable=not progress):
         outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, calibration, force)
         if outcome.note:
             notes[outcome.case] = outcome.note
         outcomes.append(outcome)
-        write_summary(out_dir, notes)  # after every case: a batch stopped half-way still has its summary
+        write_summary(out_dir, notes, summary_cache)  # after every case: a batch stopped half-way still has its summary
     return outcomes
 
 
@@ -335,7 +350,7 @@ def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationMod
         except LumbarBMDError as err:  # nowhere to write this input without touching another's results
             return CaseOutcome(case_id, out_dir / case_id, failed_results(source, str(err)), note=str(err))
         folder = out_dir / final_id
-        with case_lock(out_dir, final_id) if final_id != case_id else _nothing():
+        with case_lock(out_dir, final_id) if final_id != case_id else contextlib.nullcontext():
             if previous is not None and previous.get("status") in ("ok", "partial") and not force:
                 return CaseOutcome(final_id, folder, previous, skipped=True, note=note)
             identity = {"case_id": final_id, "input_sha256": digest}
@@ -346,15 +361,3 @@ def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationMod
             except LumbarBMDError as err:  # the folder could not be written: the case is lost, the batch goes on
                 return CaseOutcome(final_id, folder, failed_results(source, str(err)), note=str(err))
             return CaseOutcome(final_id, folder, results, note=note)
-
-
-class _nothing:
-    def __enter__(self):
-        return True
-
-    def __exit__(self, *exc):
-        return False
-
-
-__all__ = ["LOCK_FOLDER", "TMP_MARK", "CaseOutcome", "case_ids", "input_digest", "resolve_case_folder", "run_batch",
-           "run_case", "write_summary"]

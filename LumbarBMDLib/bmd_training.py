@@ -21,7 +21,6 @@ optimizer and RNG states for ``--resume``; CSV log; tqdm; CPU or CUDA.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,12 +32,12 @@ import torch
 
 from LumbarBMDLib.calibration import read_calibration
 from LumbarBMDLib.errors import LumbarBMDError
-from LumbarBMDLib.evaluation import read_truth_json, reference_bmd
-from LumbarBMDLib.localisation import LEVEL_NAMES, LevelLocation, level_centres_in_image, locate_in_ct
+from LumbarBMDLib.evaluation import read_reference_csv, read_truth_json
+from LumbarBMDLib.localisation import LevelLocation, level_centres_in_image, locate_in_ct
 from LumbarBMDLib.patches import trabecular_patch
 from LumbarBMDLib.regression import BMD_CENTRE, BMD_SCALE, bmd_network
 from LumbarBMDLib.seg_training import files_named, resolve_device, split_cases, train_log
-from LumbarBMDLib.training_pair import REFERENCE_COLUMNS, REFERENCE_FILE
+from LumbarBMDLib.training_pair import REFERENCE_FILE
 from LumbarBMDLib.volume import read_ct
 from LumbarBMDLib.weights import (
     load_tensors,
@@ -92,27 +91,7 @@ def read_reference(data_dir: Path) -> dict[str, dict[str, float]]:
     path = data_dir / REFERENCE_FILE
     if not path.is_file():
         return {}
-    ref: dict[str, dict[str, float]] = {}
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            fields = set(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise LumbarBMDError(f"{path} cannot be read as UTF-8 CSV ({err})") from None
-    missing = set(REFERENCE_COLUMNS) - fields
-    if missing:
-        raise LumbarBMDError(f"{path}: missing column(s) {', '.join(sorted(missing))} (need case,level,bmd_mg_cm3)")
-    for i, row in enumerate(rows, start=2):
-        case, level = (row.get("case") or "").strip(), (row.get("level") or "").strip()
-        if not case:
-            raise LumbarBMDError(f"{path}, line {i}: the case name is empty")
-        if level not in LEVEL_NAMES:
-            raise LumbarBMDError(f"{path}, line {i}: level {row.get('level')!r} is not one of L1–L4")
-        value = reference_bmd(row.get("bmd_mg_cm3"), f"{path}, line {i} (case {case}, level {level})")
-        if value is not None:
-            ref.setdefault(case, {})[level] = value
-    return ref
+    return {case: bmd for case, bmd in read_reference_csv(path).items() if bmd}  # an empty case: its truth.json
 
 
 def find_bmd_cases(data_dir: str | Path) -> list[Path]:

@@ -323,6 +323,45 @@ def read_truth_json(path: Path) -> tuple[str, dict]:
     return case, {"bmd": bmd, "patient": patient, "folder": str(path.parent)}
 
 
+REFERENCE_CSV_COLUMNS = ("case", "level", "bmd_mg_cm3")
+
+
+def read_reference_csv(path: str | Path) -> dict[str, dict[str, float]]:
+    """``{case: {level: bmd}}`` from a reference CSV ``case,level,bmd_mg_cm3`` (every case named, also one whose
+    values are all missing: ``{}``). Each value is checked (:func:`reference_bmd`); an empty case name, a level
+    other than L1–L4, or two different values for one level are refused naming the line."""
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = set(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise LumbarBMDError(f"reference CSV {path} cannot be read as UTF-8 CSV ({err})") from None
+    missing = set(REFERENCE_CSV_COLUMNS) - fields
+    if missing:
+        raise LumbarBMDError(f"{path}: missing column(s) {', '.join(sorted(missing))}: a reference CSV needs the "
+                             "columns case, level, bmd_mg_cm3")
+    out: dict[str, dict[str, float]] = {}
+    for line, row in enumerate(rows, start=2):
+        case, level = (row.get("case") or "").strip(), (row.get("level") or "").strip()
+        if not case:
+            raise LumbarBMDError(f"{path}, line {line}: the case name is empty")
+        if level not in LEVEL_NAMES:
+            raise LumbarBMDError(f"{path}, line {line}: level {row.get('level')!r} is not one of L1–L4")
+        value = reference_bmd(row.get("bmd_mg_cm3"), f"{path}, line {line} (case {case}, level {level})")
+        bmd = out.setdefault(case, {})
+        if value is None:
+            continue
+        if level in bmd and bmd[level] != value:
+            raise LumbarBMDError(f"{path}, line {line}: case {case} level {level} has two different reference "
+                                 f"values ({bmd[level]:g} and {value:g})")
+        bmd[level] = value
+    return out
+
+
 def read_truth(truth: str | Path) -> dict[str, dict]:
     """Reference per case: ``{case: {"bmd": {level: value}, "patient": {...}}}`` from a phantom cohort folder
     (``<case>/truth.json``) or a CSV ``case,level,bmd_mg_cm3``.
@@ -330,34 +369,11 @@ def read_truth(truth: str | Path) -> dict[str, dict]:
     Every value is checked (:func:`reference_bmd`): a number within :data:`REFERENCE_BMD_RANGE`, or missing (empty,
     null, NaN: that level has no reference). A reference without any usable value is refused.
     """
-    import csv
 
     truth = Path(truth)
     out: dict[str, dict] = {}
     if truth.is_file() and truth.suffix.lower() == ".csv":
-        try:
-            with truth.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                fields = set(reader.fieldnames or [])
-                rows = list(reader)
-        except (OSError, UnicodeDecodeError, csv.Error) as err:
-            raise LumbarBMDError(f"reference CSV {truth} cannot be read as UTF-8 CSV ({err})") from None
-        if not {"case", "level", "bmd_mg_cm3"} <= fields:
-            raise LumbarBMDError(f"{truth}: a reference CSV needs the columns case, level, bmd_mg_cm3")
-        for line, row in enumerate(rows, start=2):
-            case, level = (row.get("case") or "").strip(), (row.get("level") or "").strip()
-            if not case:
-                raise LumbarBMDError(f"{truth}, line {line}: the case name is empty")
-            if level not in LEVEL_NAMES:
-                raise LumbarBMDError(f"{truth}, line {line}: level {row.get('level')!r} is not one of L1–L4")
-            value = reference_bmd(row.get("bmd_mg_cm3"), f"{truth}, line {line} (case {case}, level {level})")
-            entry = out.setdefault(case, {"bmd": {}, "patient": {}})
-            if value is None:
-                continue
-            if level in entry["bmd"] and entry["bmd"][level] != value:
-                raise LumbarBMDError(f"{truth}, line {line}: case {case} level {level} has two different reference "
-                                     f"values ({entry['bmd'][level]:g} and {value:g})")
-            entry["bmd"][level] = value
+        out = {case: {"bmd": bmd, "patient": {}} for case, bmd in read_reference_csv(truth).items()}
     elif not truth.is_dir():
         raise LumbarBMDError(f"reference not found: {truth} (a cohort folder with truth.json files, or a CSV)")
     else:

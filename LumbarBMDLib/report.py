@@ -117,12 +117,13 @@ def axial_figure(result) -> str:
     return _png(fig)
 
 
-def identified_by(vertebra: dict) -> str:
-    """How a level was identified on the CT, in a few words (the same words as the Slicer table)."""
+def identified_by(vertebra: dict, unidentified: str = "–") -> str:
+    """How a level was identified on the CT, in a few words (the report's column and the Slicer table's):
+    "T12 and sacrum, 1 below T12 (0.97)", "edited labels"; ``unidentified`` when it was not."""
     ident = vertebra.get("identification") or {}
     anchor = ident.get("anchor")
     if not anchor:
-        return "–"
+        return unidentified
     if anchor == "edited labels":
         return "edited labels"
     count = ident.get("count")
