@@ -57,7 +57,6 @@ except ImportError:
 from LumbarBMDLib import dependencies
 from LumbarBMDLib.errors import ComputationCancelled, LumbarBMDError
 from LumbarBMDLib.figures import CATEGORY_COLOURS, LEVEL_COLOURS
-from LumbarBMDLib.report import identified_by
 from LumbarBMDLib.sagittal import WINDOW_HU, SagittalGeometry
 from LumbarBMDLib.training_pair import LEVEL_NAMES, write_training_pair
 from LumbarBMDLib.volume import CTVolume, validated_ct
@@ -1049,6 +1048,8 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def identifiedBy(vertebra: dict) -> str:
         """How a level was identified, in a few words (the report's words): "T12 and sacrum, 1 below T12 (0.97)"."""
+        from LumbarBMDLib.report import identified_by  # on use: the report pulls in scipy, installed on first use
+
         return identified_by(vertebra, unidentified="")
 
     @staticmethod
