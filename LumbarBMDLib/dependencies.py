@@ -28,6 +28,7 @@ RUNTIME_REQUIREMENTS: tuple[str, ...] = (
     "tqdm>=4.65",
     "packaging>=21",
     "pydicom>=2.4",  # each DICOM slice's pixel data checked against its header (a cut file is refused)
+    "zlib-ng>=0.4",  # .nii.gz inflated (and checked whole) as fast as ITK reads it; plain zlib if absent
 )
 #: Shipped with 3D Slicer: never pip-installed into Slicer's Python (replacing them would break Slicer itself).
 BUNDLED_WITH_SLICER: tuple[str, ...] = ("numpy", "SimpleITK", "packaging", "pydicom")

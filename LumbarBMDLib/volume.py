@@ -13,12 +13,14 @@ import errno
 import gzip
 import logging
 import math
+import mmap
 import os
 import shutil
 import stat
 import tempfile
+import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,6 +149,11 @@ _SAMPLE_VOXELS = 2_000_000  # intensity statistics use at most this many voxels
 #: or hostile; it is refused before any voxel is read. Override with :data:`MAX_VOXELS_ENV` or ``read_ct(max_voxels=)``.
 MAX_VOXELS = 2**30
 MAX_VOXELS_ENV = "LUMBARBMD_MAX_VOXELS"
+try:  # zlib-ng inflates about twice as fast as the zlib CPython links, as fast as ITK's own (ITK 5.4 uses zlib-ng)
+    from zlib_ng import zlib_ng as _inflate_lib
+except ImportError:  # a plain install without it still reads every file, at about half the speed
+    _inflate_lib = zlib  # type: ignore[assignment]
+_INFLATE_ERRORS = (zlib.error, _inflate_lib.error)
 _CHUNK_BYTES = 1 << 22  # compressed bytes inflated per step when reading a .nii.gz (4 MiB: few Python calls)
 #: deflate expands at most 1032-fold (RFC 1951: a 258-byte match costs at least 2 bits), so a gzip file of n bytes
 #: holds at most 1032 n bytes: a header declaring more is refused before its buffer is allocated.
@@ -426,45 +433,112 @@ def _read_nifti(path: Path, reader: sitk.ImageFileReader) -> _Voxels | None:
         return None
     count = math.prod(int(d) for d in h["dim"][1 : ndim + 1])
     offset = int(h["vox_offset"])
-    expected = offset + count * np.dtype(dtype).itemsize
-    if path.name.lower().endswith(".gz"):
-        data = np.frombuffer(_inflate_exactly(path, expected), h["endian"] + dtype, count, offset)
-    else:
-        have = path.stat().st_size
-        if have < expected:
-            raise _truncated(path, f"({have:,} of {expected:,} bytes)")
-        data = np.fromfile(path, h["endian"] + dtype, count, offset=offset)
+    stored = np.dtype(h["endian"] + dtype)
+    expected = offset + count * stored.itemsize
+    gzipped = path.name.lower().endswith(".gz")
+    if gzipped:
+        _check_deflate_ratio(path, expected)
+    elif (have := path.stat().st_size) < expected:
+        raise _truncated(path, f"({have:,} of {expected:,} bytes)")
     size = reader.GetSize()
-    arr = data.reshape(size[2], size[1], size[0])
     slope, inter = float(h["scl_slope"]), float(h["scl_inter"])
     if not (math.isfinite(slope) and slope != 0):  # NIfTI: a zero or non-finite slope means "no scaling"
         slope, inter = 1.0, 0.0
+    inter = inter if math.isfinite(inter) else 0.0
+
+    def read_into(view: np.ndarray) -> None:
+        if gzipped:
+            _inflate_into(path, expected, lambda: _SliceSink(view, stored, offset, slope, inter))
+            return
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            sink = _SliceSink(view, stored, offset, slope, inter)
+            with memoryview(mapped) as whole:
+                sink.write(0, whole)
+            sink.finish()
+
     dim = reader.GetDimension()
     direction = tuple(np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3].flatten())
-    return _Voxels(arr, reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction, slope,
-                   inter if math.isfinite(inter) else 0.0)
+    return _Voxels((int(size[2]), int(size[1]), int(size[0])), read_into, reader.GetSpacing()[:3],
+                   reader.GetOrigin()[:3], direction)
+
+
+class _SliceSink:
+    """Casts a stream of stored voxel bytes into a float32 view, slice by slice, as HU (``× slope + intercept``).
+
+    ``view`` is ``(k, j, i)`` in the file's storage order (a strided view of the reoriented LPS array, so that the
+    stored voxels are read and cast once, without a full-size buffer of them). ``write(pos, chunk)`` takes the bytes
+    at stream position ``pos`` (the header's ``offset`` bytes come first and are skipped), in any order and from
+    several threads: whole slices are cast at once, the ends of a slice split between two chunks are gathered first.
+    """
+
+    def __init__(self, view: np.ndarray, stored: np.dtype, offset: int, slope: float, intercept: float) -> None:
+        self.view, self.stored, self.offset = view, stored, offset
+        self.slope, self.intercept = np.float32(slope), np.float32(intercept)
+        self.slice_bytes = int(view.shape[1] * view.shape[2] * stored.itemsize)
+        self.total = int(view.shape[0]) * self.slice_bytes
+        self._split: dict[int, tuple[bytearray, list[int]]] = {}  # slice → (its bytes, [bytes gathered])
+        self._lock = threading.Lock()
+
+    def _cast(self, k0: int, k1: int, data: memoryview | bytes) -> None:
+        src = np.frombuffer(data, self.stored).reshape(k1 - k0, *self.view.shape[1:])
+        dst = self.view[k0:k1]
+        if self.slope == 1 and self.intercept == 0:
+            dst[...] = src
+        else:
+            np.multiply(src, self.slope, out=dst, casting="unsafe")
+            dst += self.intercept
+
+    def _gather(self, k: int, at: int, data: memoryview) -> None:
+        with self._lock:
+            buf, got = self._split.setdefault(k, (bytearray(self.slice_bytes), [0]))
+            buf[at : at + len(data)] = data
+            got[0] += len(data)
+            if got[0] == self.slice_bytes:
+                del self._split[k]
+                self._cast(k, k + 1, buf)
+
+    def write(self, pos: int, chunk: memoryview) -> None:
+        """Cast the voxels in ``chunk`` (stream bytes ``pos`` … ``pos + len(chunk)``)."""
+        a = pos - self.offset
+        lo, hi = max(a, 0), min(a + len(chunk), self.total)
+        if lo >= hi:
+            return
+        sb = self.slice_bytes
+        k0, k1 = -(-lo // sb), hi // sb  # the whole slices in [lo, hi) are k0 … k1 - 1
+        if lo < k0 * sb:  # the end of slice k0 - 1 (or a piece inside it)
+            self._gather(k0 - 1, lo - (k0 - 1) * sb, chunk[lo - a : min(k0 * sb, hi) - a])
+        if k0 < k1:
+            self._cast(k0, k1, chunk[k0 * sb - a : k1 * sb - a])
+        if k0 <= k1 and k1 * sb < hi:  # the start of slice k1
+            self._gather(k1, 0, chunk[k1 * sb - a : hi - a])
+
+    def finish(self) -> None:
+        """Raise if a slice was left partly written (the stream held fewer bytes than the view needs)."""
+        if self._split:
+            raise RuntimeError(f"slices {sorted(self._split)} were not read whole")
 
 
 @dataclass
 class _Voxels:
-    """Voxels read without SimpleITK (numpy ``(z, y, x)``, any byte order) with the geometry ITK read from the header.
+    """Voxels that LumbarBMD reads itself (not SimpleITK), with the geometry ITK read from the header.
 
-    Offers the few ``sitk.Image`` methods that :func:`_to_ct_volume` uses, so that a full-size volume is not copied
-    into a SimpleITK image only to be copied out again.
+    ``shape`` is the stored ``(k, j, i)``; ``read_into(view)`` reads and checks the file and writes its voxels, in HU,
+    into a float32 view of that shape (see :class:`_SliceSink`), so that :func:`_lps_float32` reads them once,
+    straight into the reoriented array, after the geometry has been checked. Offers the few ``sitk.Image`` methods
+    that :func:`_to_ct_volume` uses.
     """
 
-    array: np.ndarray
+    shape: tuple[int, int, int]
+    read_into: Callable[[np.ndarray], None]
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
     direction: tuple[float, ...]
-    slope: float = 1.0  # stored value × slope + intercept = HU, applied by ``_lps_float32`` in its one copy
-    intercept: float = 0.0
 
     def GetDimension(self) -> int:
         return 3
 
     def GetSize(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.array.shape[::-1])  # type: ignore[return-value]
+        return self.shape[::-1]
 
     def GetNumberOfComponentsPerPixel(self) -> int:
         return 1
@@ -488,78 +562,80 @@ class _Voxels:
 _PLAIN_MEMBER_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
 
 
-def _inflate_members_in_parallel(path: Path, expected: int) -> bytearray | None:
-    """The file's bytes inflated member by member in threads (zlib releases the GIL), when its members can be
-    found by their plain headers and each one checks out (it ends exactly where the next begins, its CRC and size
-    are right); None otherwise (the serial pass then reads it and names any damage)."""
-    data = path.read_bytes()
+def _inflate_members_in_parallel(data: bytes, expected: int, sink: _SliceSink) -> bool:
+    """Inflate a gzip file's bytes member by member in threads (zlib and zlib-ng release the GIL) into ``sink``, when
+    its members can be found by their plain headers and each one checks out (it ends exactly where the next begins,
+    its CRC and size are right); False otherwise (the serial pass then reads it and names any damage)."""
     starts = [0]
     while (k := data.find(_PLAIN_MEMBER_HEADER, starts[-1] + 18)) > 0:
         starts.append(k)
     if len(starts) < 2 or not data.startswith(_PLAIN_MEMBER_HEADER):
-        return None
+        return False
     parts = [memoryview(data)[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
     sizes = [int.from_bytes(bytes(p[-4:]), "little") for p in parts]  # ISIZE (members < 4 GiB)
     if sum(sizes) < expected:
-        return None
+        return False
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
 
-    def inflate(part: memoryview) -> bytes | None:
-        d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    def inflate(part: memoryview, offset: int, size: int) -> bool:
+        d = _inflate_lib.decompressobj(zlib.MAX_WBITS | 16)
         try:
             piece = d.decompress(part)
-        except zlib.error:
-            return None
-        return piece if d.eof and not d.unused_data else None
+        except _INFLATE_ERRORS:
+            return False
+        if not (d.eof and not d.unused_data and len(piece) == size):
+            return False  # a header-like byte run inside the data, or damage: the serial pass decides
+        sink.write(offset, memoryview(piece))
+        return True
 
     with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
-        pieces = list(pool.map(inflate, parts))
-    if any(p is None or len(p) != n for p, n in zip(pieces, sizes, strict=True)):
-        return None  # a header-like byte run inside the data, or damage: the serial pass decides
-    out = bytearray(expected)
-    pos = 0
-    for piece in pieces:
-        n = min(len(piece), expected - pos)
-        out[pos : pos + n] = memoryview(piece)[:n]
-        pos += n
-    return out
+        return all(list(pool.map(inflate, parts, offsets, sizes)))
 
 
-def _inflate_exactly(path: Path, expected: int) -> bytearray:
-    """The first ``expected`` bytes of the gzip file ``path`` (all its members), raising if the stream is shorter,
-    damaged (bad CRC or deflate data) or cut before its end; the whole stream is checked, in one pass (members
-    inflated in parallel where they can be found, see :func:`_inflate_members_in_parallel`)."""
+def _check_deflate_ratio(path: Path, expected: int) -> None:
+    """Raise if the gzip file ``path`` is too small to inflate to the ``expected`` bytes its header declares."""
     stored = path.stat().st_size
     if expected > _MAX_DEFLATE_RATIO * stored + 1024:
         raise _truncated(path, f"(a {stored:,}-byte gzip file cannot hold the {expected:,} bytes declared)")
-    fast = _inflate_members_in_parallel(path, expected)
-    if fast is not None:
-        return fast
-    out = bytearray(expected)
+
+
+def _inflate_into(path: Path, expected: int, new_sink: Callable[[], _SliceSink]) -> None:
+    """Inflate the gzip file ``path`` (all its members) into a sink, raising if the stream holds fewer than
+    ``expected`` bytes, is damaged (bad CRC or deflate data) or is cut before its end. The whole stream is checked in
+    one pass (members inflated in parallel where they can be found, see :func:`_inflate_members_in_parallel`)."""
+    _check_deflate_ratio(path, expected)
+    data = path.read_bytes()  # read once: for the parallel pass and, if that cannot be used, the serial one
+    sink = new_sink()
+    if _inflate_members_in_parallel(data, expected, sink):
+        sink.finish()
+        return
+    sink = new_sink()  # the serial pass writes every voxel again
     pos = 0
     in_member = False  # inside a gzip member whose end (its trailer) has not been reached yet
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)  # gzip wrapper: each member's CRC32 and size are checked
+    inflater = _inflate_lib.decompressobj(zlib.MAX_WBITS | 16)  # gzip wrapper: each member's CRC32 and size are checked
+    stream = memoryview(data)
     try:
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK_BYTES):
-                while chunk and (in_member or chunk.strip(b"\0")):  # zero padding after the last member is allowed
-                    in_member = True
-                    piece = inflater.decompress(chunk)
-                    n = min(len(piece), expected - pos)
-                    out[pos : pos + n] = memoryview(piece)[:n]
-                    pos += n
-                    chunk = b""
-                    if inflater.eof:  # end of a member: the next one follows (files this project writes have several)
-                        chunk, in_member = inflater.unused_data, False
-                        inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
-    except zlib.error as err:
+        for start in range(0, len(data), _CHUNK_BYTES):
+            chunk: bytes | memoryview = stream[start : start + _CHUNK_BYTES]
+            while chunk and (in_member or bytes(chunk).strip(b"\0")):  # zero padding after the last member is allowed
+                in_member = True
+                piece = inflater.decompress(chunk)
+                sink.write(pos, memoryview(piece))
+                pos += len(piece)
+                chunk = b""
+                if inflater.eof:  # end of a member: the next one follows (files this project writes have several)
+                    chunk, in_member = inflater.unused_data, False
+                    inflater = _inflate_lib.decompressobj(zlib.MAX_WBITS | 16)
+    except _INFLATE_ERRORS as err:
         raise LumbarBMDError(f"{path} is damaged: its gzip-compressed data are corrupt ({err}); copy it again") \
             from None
     if pos < expected:
         raise _truncated(path, f"({pos:,} of {expected:,} bytes once decompressed)")
     if in_member:
         raise _truncated(path, "(its compressed stream stops before the gzip trailer)")
-    return out
-
+    sink.finish()
 
 
 _TEXT_HEADER_BYTES = 1 << 16  # NRRD / MetaImage text headers are a few hundred bytes; read at most this much
@@ -792,16 +868,17 @@ def _lps_float32(img: sitk.Image | _Voxels) -> tuple[np.ndarray, tuple, tuple, t
     direction = orienter.Execute(proxy).GetDirection()
     order = [int(a) for a in orienter.GetPermuteOrder()]  # output index axis a is input axis order[a]
     flips = [bool(f) for f in orienter.GetFlipAxes()]  # per output axis
-    voxels = img.array if isinstance(img, _Voxels) else sitk.GetArrayViewFromImage(img)
-    view = voxels.transpose([2 - order[2 - n] for n in range(3)])  # numpy axes are (k, j, i)
-    view = view[tuple(slice(None, None, -1) if flips[2 - n] else slice(None) for n in range(3))]
-    # the one full-size copy: reoriented and cast together, reading the stored (often 2-byte) values once
-    hu = np.ascontiguousarray(view, dtype=np.float32)
-    if np.may_share_memory(hu, voxels):  # stored as float32 LPS already: never a view of ITK's (freed) buffer
-        hu = hu.copy()
-    if isinstance(img, _Voxels) and (img.slope != 1.0 or img.intercept != 0.0):
-        hu *= np.float32(img.slope)
-        hu += np.float32(img.intercept)
+    transpose = [2 - order[2 - n] for n in range(3)]  # numpy axes are (k, j, i)
+    flip = tuple(slice(None, None, -1) if flips[2 - n] else slice(None) for n in range(3))
+    if isinstance(img, _Voxels):  # read by LumbarBMD: cast straight into the reoriented array
+        hu = np.empty(tuple(img.shape[t] for t in transpose), np.float32)
+        img.read_into(hu[flip].transpose(np.argsort(transpose)))
+    else:
+        voxels = sitk.GetArrayViewFromImage(img)
+        # the one full-size copy: reoriented and cast together, reading the stored (often 2-byte) values once
+        hu = np.ascontiguousarray(voxels.transpose(transpose)[flip], dtype=np.float32)
+        if np.may_share_memory(hu, voxels):  # stored as float32 LPS already: never a view of ITK's (freed) buffer
+            hu = hu.copy()
     size, spacing = img.GetSize(), img.GetSpacing()
     corner = [0, 0, 0]
     for a in range(3):

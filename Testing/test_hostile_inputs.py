@@ -116,6 +116,62 @@ def test_whole_multi_member_nifti_reads_as_simpleitk_does(tmp_path: Path) -> Non
     np.testing.assert_allclose(expected, stored * 0.5 - 1024.0)
 
 
+@pytest.mark.parametrize("member_bytes", [37, 4095, 20 * 24 * 2, 3 * 20 * 24 * 2 + 5])
+@pytest.mark.parametrize("serial_chunk", [None, 101])
+def test_nifti_gz_in_any_pieces_reads_as_simpleitk_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, member_bytes: int, serial_chunk: int | None
+) -> None:
+    """Voxels are cast straight from the inflated stream into the reoriented array, a slice at a time: gzip members
+    (read in parallel) or inflated pieces (read serially, ``serial_chunk`` compressed bytes a step) that end inside a
+    slice, inside the header or exactly on a slice edge give SimpleITK's voxels, in every orientation tried."""
+    import LumbarBMDLib.volume as volume
+
+    if serial_chunk is not None:
+        monkeypatch.setattr(volume, "_CHUNK_BYTES", serial_chunk)
+    hu = phantom_hu((12, 20, 24)).astype(np.int16)
+    flips = np.diag([-1.0, 1.0, -1.0])  # RAS-like rows and slices from head to foot
+    swap = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0.0]])  # a permuted (sagittal-first) storage
+    for direction in (np.eye(3), flips, swap):
+        plain = tmp_path / "ct.nii"
+        sitk.WriteImage(make_image(hu, direction, spacing=(0.7, 0.8, 2.5)), str(plain))
+        raw = plain.read_bytes()
+        raw = raw[:112] + np.array([0.5, -3.0], dtype="<f4").tobytes() + raw[120:]  # scl_slope, scl_inter
+        gz = tmp_path / "ct.nii.gz"
+        if serial_chunk is None:  # many members, each read in its own thread
+            members = [gzip.compress(raw[i : i + member_bytes], mtime=0) for i in range(0, len(raw), member_bytes)]
+        else:  # one member, inflated serially in small steps
+            members = [gzip.compress(raw, mtime=0)]
+        gz.write_bytes(b"".join(members))
+        if serial_chunk is None:  # the members were found and read in parallel (not left to the serial pass)
+            view = np.empty(hu.shape, np.float32)
+            sink = volume._SliceSink(view, np.dtype("<i2"), 352, 1.0, 0.0)
+            assert volume._inflate_members_in_parallel(gz.read_bytes(), len(raw), sink)
+            sink.finish()
+            np.testing.assert_array_equal(view, hu)
+        expected = sitk.DICOMOrient(sitk.ReadImage(str(gz)), "LPS")
+        np.testing.assert_allclose(expected_hu := sitk.GetArrayFromImage(expected), read_ct(gz).hu, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(np.sort(expected_hu.ravel()), np.sort(hu.ravel() * 0.5 - 3.0), atol=1e-4)
+
+
+def test_reads_and_refuses_without_zlib_ng(tmp_path: Path) -> None:
+    """zlib-ng only makes inflating faster: without it (blocked in a fresh interpreter) the same voxels are read with
+    Python's zlib and a cut file gets the same sentence."""
+    path = small_ct(tmp_path / "ct.nii.gz")
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(path.read_bytes()[: int(0.85 * path.stat().st_size)])
+    code = (
+        "import sys\nsys.modules['zlib_ng'] = None\nimport numpy as np\nimport LumbarBMDLib.volume as v\n"
+        "assert v._inflate_lib.__name__ == 'zlib', v._inflate_lib\n"
+        f"np.save({str(tmp_path / 'hu.npy')!r}, v.read_ct({str(path)!r}).hu)\n"
+        "try:\n    v.read_ct(sys.argv[1])\nexcept v.LumbarBMDError as err:\n    print('ERROR', err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(cut)], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ERROR") and TRUNCATED in result.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "hu.npy"), read_ct(path).hu)
+
+
 # --- 2. DICOM slice with truncated pixel data ---------------------------------------------------------------------
 
 
