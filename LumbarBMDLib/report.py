@@ -18,6 +18,7 @@ from LumbarBMDLib.figures import CATEGORY_COLOURS, LEVEL_COLOURS, WINDOW_HU, ove
 from LumbarBMDLib.patches import PATCH_PIXEL_MM, PATCH_SIZE, sample_axial_planes
 
 LOW_CONFIDENCE = 0.7
+DARK_TEXT = (34, 34, 34)  # the page's text colour (#222)
 CSS = """
 body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 24px; color: #222;
   max-width: 1100px; }
@@ -154,9 +155,32 @@ def qc_flags(results: dict) -> list[str]:
     return flags
 
 
+def _rgb(category: str | None) -> tuple[int, int, int]:
+    return CATEGORY_COLOURS.get(category or "", (128, 128, 128))
+
+
 def _colour(category: str | None) -> str:
-    rgb = CATEGORY_COLOURS.get(category or "", (128, 128, 128))
-    return f"rgb{rgb}"
+    return f"rgb{_rgb(category)}"
+
+
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (0–255 channels)."""
+    lin = [c / 255 / 12.92 if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _text_colour(category: str | None) -> str:
+    """The text colour on a category's background: white or near-black, whichever contrasts more (white on the
+    osteopenia amber would be 1.7:1, below any legibility threshold)."""
+    lum = _luminance(_rgb(category))
+    on_white = 1.05 / (lum + 0.05)
+    on_dark = (lum + 0.05) / (_luminance(DARK_TEXT) + 0.05)
+    return "rgb(255, 255, 255)" if on_white >= on_dark else f"rgb{DARK_TEXT}"
+
+
+def _badge(category: str | None) -> str:
+    """The inline style of a category badge: its colour as background, a legible text colour on it."""
+    return f"background:{_colour(category)};color:{_text_colour(category)}"
 
 
 def render_report(results: dict, result) -> str:
@@ -170,7 +194,7 @@ def render_report(results: dict, result) -> str:
         if v["found"]:
             conf = "" if v.get("confidence") is None else f"{v['confidence']:.2f}"
             rows.append(f"<tr><td>{esc(v['level'])}</td><td class=num>{v['bmd_mg_cm3']:.1f}</td>"
-                        f"<td><span class=cat style='background:{_colour(v['category'])}'>{esc(v['category'])}"
+                        f"<td><span class=cat style='{_badge(v['category'])}'>{esc(v['category'])}"
                         f"</span></td><td class=num>{conf}</td><td>{ident}</td></tr>")
         else:
             rows.append(f"<tr><td>{esc(v['level'])}</td><td class=num>–</td><td colspan=2>"
@@ -178,7 +202,7 @@ def render_report(results: dict, result) -> str:
     flags = qc_flags(results)
     flag_html = "".join(f"<li>{esc(f)}</li>" for f in flags) or "<li>none</li>"
     headline = (f"<div class=headline style='border-color:{_colour(category)}'>"
-                f"<div class=big>{mean:.1f} mg/cm³</div><div class=cat2 style='background:{_colour(category)}'>"
+                f"<div class=big>{mean:.1f} mg/cm³</div><div class=cat2 style='{_badge(category)}'>"
                 f"{esc(category)}</div><div>mean of {sum(v['found'] for v in results['vertebrae'])} measured "
                 f"level(s), QCT-equivalent</div></div>") if mean is not None else \
         "<div class=headline><div class=big>no BMD</div><div>no level could be measured</div></div>"
