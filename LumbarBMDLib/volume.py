@@ -1265,7 +1265,7 @@ def _read_dicom_folder(
     used = _choose_series(series, folder)
     _check_voxel_count((used.columns, used.rows, used.n_slices), 1, limit, f"DICOM series {used.label()} in {folder}")
     _check_pixel_spacing(used, folder)
-    _check_pixel_data(used, folder)
+    headers = _slice_headers(used, folder)
     choice = _choice_sentence(series, used)
     log.info("DICOM %s: %s", folder, choice)
     meta: dict = {
@@ -1289,18 +1289,83 @@ def _read_dicom_folder(
     if len(used.files) == 1:
         meta["warnings"].append("multi-frame DICOM file: slice positions were not checked for gaps")
         return _execute(sitk.ImageFileReader(), used.files, folder), meta
-    files = _sorted_checked_slices(used, folder, unread)
-    return _execute(sitk.ImageSeriesReader(), files, folder), meta
+    files = _sorted_checked_slices(used, headers, folder, unread)
+    by_file = dict(zip(used.files, headers, strict=True))
+    voxels = _plain_series(used, files, [by_file[f] for f in files])
+    if voxels is not None:
+        return voxels, meta
+    rescales = {h.rescale for h in headers}
+    # One integer rescale for every slice: GDCM's own output type holds the HU exactly, and the one cast to float32
+    # (while reorienting) is cheaper than GDCM's. Otherwise float32 from GDCM, so that no slice's rescale is rounded
+    # to the type chosen from the first slice.
+    native = len(rescales) == 1 and (r := rescales.pop()) is not None and r[0] == 1 and float(r[1]).is_integer()
+    return _execute(sitk.ImageSeriesReader(), files, folder, native), meta
 
 
-def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, files: list[str], folder: Path) -> sitk.Image:
-    """Read pixels as float32 HU from one file or a sorted list of slice files."""
+def _plain_series(series: _Series, files: list[str], headers: list[_SliceHeader]) -> _Voxels | None:
+    """The sorted slice files of an uncompressed grey-scale series as :class:`_Voxels`, or None (GDCM reads it).
+
+    The pixel data of every file are read straight from where the header pass found them and cast, with that
+    slice's RescaleSlope/RescaleIntercept (in double precision, as GDCM does), into the reoriented float32 array:
+    no second parse of each file and no intermediate image. Bits above BitsStored are masked (sign-extended when
+    signed), as pydicom and GDCM do. The geometry is ITK's for a series: origin at the first slice, in-plane spacing
+    from PixelSpacing (row spacing first), slice spacing the first-to-last distance over the slice count − 1, and the
+    slice normal as the third axis.
+    """
+    layouts = {h.raw_pixels[1:] if h.raw_pixels else None for h in headers}
+    if len(layouts) != 1 or None in layouts or any(h.rescale is None or h.position is None for h in headers):
+        return None
+    dtype, rows, columns, stored = layouts.pop()  # type: ignore[misc]
+    if (rows, columns) != (series.rows, series.columns) or any(
+        h.small_value is None and h.raw_pixels[0] < 0 for h in headers  # type: ignore[index]
+    ):
+        return None
+    row_spacing, column_spacing = (float(v) for v in series.pixel_spacing.split("\\"))
+    orientation = np.array(headers[0].orientation, dtype=float)
+    row, col = orientation[:3], orientation[3:]
+    normal = np.cross(row, col)
+    first, last = np.array(headers[0].position), np.array(headers[-1].position)
+    step = float(np.linalg.norm(last - first)) / (len(files) - 1)
+    direction = tuple(float(v) for v in np.column_stack([row, col, normal]).flatten())
+    count = rows * columns
+    item = np.dtype(dtype)
+
+    def read_into(view: np.ndarray) -> None:
+        shift = item.itemsize * 8 - stored
+        for k, (file, h) in enumerate(zip(files, headers, strict=True)):
+            if h.small_value is not None:
+                values = np.frombuffer(h.small_value, item, count)
+            else:
+                with open(file, "rb") as f:
+                    f.seek(h.raw_pixels[0])  # type: ignore[index]
+                    data = f.read(count * item.itemsize)
+                if len(data) < count * item.itemsize:  # changed since the header pass
+                    raise _truncated(Path(file), f"({len(data):,} of {count * item.itemsize:,} bytes of pixel data)")
+                values = np.frombuffer(data, item, count)
+            values = values.reshape(rows, columns)
+            if shift:  # unused high bits: masked, or the sign of bit BitsStored − 1 extended
+                values = (values << shift) >> shift if item.kind == "i" else values & ((1 << stored) - 1)
+            slope, intercept = h.rescale  # type: ignore[misc]
+            if slope == 1 and float(intercept).is_integer():
+                np.add(values, np.float32(intercept), out=view[k], casting="unsafe")
+            else:
+                view[k] = values * slope + intercept
+
+    return _Voxels((len(files), rows, columns), read_into, (column_spacing, row_spacing, step),
+                   tuple(float(v) for v in first), direction)
+
+
+def _execute(
+    reader: sitk.ImageFileReader | sitk.ImageSeriesReader, files: list[str], folder: Path, native: bool = False
+) -> sitk.Image:
+    """Read pixels in HU from one file or a sorted list of slice files: float32, or GDCM's own type if ``native``."""
     if isinstance(reader, sitk.ImageSeriesReader):
         reader.SetFileNames(files)
     else:
         reader.SetFileName(files[0])
     reader.SetImageIO("GDCMImageIO")
-    reader.SetOutputPixelType(sitk.sitkFloat32)
+    if not native:
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         return reader.Execute()
     except RuntimeError as err:
@@ -1325,70 +1390,127 @@ def _check_pixel_spacing(series: _Series, folder: Path) -> None:
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def _pixel_data_bytes(file: str, pydicom: ModuleType | None) -> tuple[int, int] | None:
-    """``(bytes present, bytes needed)`` of a DICOM file's uncompressed PixelData, or None when not checkable here.
+@dataclass
+class _SliceHeader:
+    """What LumbarBMD checks in each DICOM file before any pixel is read (one pydicom pass over the series)."""
 
-    Needed: Rows × Columns × SamplesPerPixel × ⌈BitsAllocated / 8⌉ × NumberOfFrames. Present: the element's length,
-    capped by what the file holds after the element starts (pydicom reads the header and defers the pixel value).
-    Without pydicom, the file size is an upper bound of what is present.
+    pixel_bytes: tuple[int, int] | None  # (bytes of PixelData present, bytes its header needs); None: not checkable
+    position: tuple[float, ...] | None  # ImagePositionPatient (mm); None when absent or not numbers
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 direction cosines)
+    rescale: tuple[float, float] | None  # (RescaleSlope, RescaleIntercept); None when not numbers
+    #: Where uncompressed little-endian grey-scale pixel data lie: (byte offset in the file, numpy dtype, rows,
+    #: columns, bits stored); None for anything else (compressed, colour, multi-frame, big endian: GDCM reads those).
+    raw_pixels: tuple[int, str, int, int, int] | None = None
+    small_value: bytes | None = None  # pixel data pydicom read already (a value too small to be deferred)
+
+
+#: Transfer syntaxes whose pixel data are stored as plain little-endian integers (Implicit / Explicit VR Little Endian).
+_PLAIN_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _raw_pixel_layout(ds: object, elem: object, need: int) -> tuple[int, str, int, int, int] | None:
+    """(offset, dtype, rows, columns, bits stored) of plain grey-scale pixel data that can be read directly, or None."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated)
+    if (syntax not in _PLAIN_LITTLE_ENDIAN or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+            or str(ds.get("PhotometricInterpretation", "")).strip() != "MONOCHROME2"
+            or int(ds.get("NumberOfFrames", 1) or 1) != 1 or bits not in (8, 16, 32) or not 0 < stored <= bits
+            or int(getattr(elem, "length", need) or need) != need):
+        return None
+    dtype = ("<i" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "<u") + str(bits // 8)
+    offset = int(getattr(elem, "value_tell", -1) if getattr(elem, "value_tell", None) is not None else -1)
+    return offset, dtype, int(ds.Rows), int(ds.Columns), stored
+
+
+def _numbers(text: str, count: int) -> tuple[float, ...] | None:
+    """``count`` backslash-separated decimal numbers from a DICOM DS value, or None."""
+    parts = text.split("\\")
+    return tuple(float(x) for x in parts) if len(parts) == count and all(_is_number(x) for x in parts) else None
+
+
+def _element_text(ds: object, tag: int) -> str:
+    """A text element's value as stored (an undecoded ``bytes`` value decoded as ASCII), ``""`` when absent."""
+    elem = ds.get_item(tag)  # type: ignore[attr-defined]
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \0")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _slice_header(file: str, pydicom: ModuleType) -> _SliceHeader:
+    """The :class:`_SliceHeader` of one DICOM file, its header read by pydicom (the pixel value deferred).
+
+    PixelData needed: Rows × Columns × SamplesPerPixel × ⌈BitsAllocated / 8⌉ × NumberOfFrames; present: the
+    element's length, capped by what the file holds after the element starts. Encapsulated (compressed) pixel data
+    are checked by their decoder. A file pydicom cannot parse is left to GDCM, which read its header: its geometry is
+    then read with GDCM.
     """
     size = os.path.getsize(file)
-    if pydicom is None:
+    try:
+        ds = pydicom.dcmread(file, defer_size=1024, force=True)
+        position = _numbers(_element_text(ds, 0x00200032), 3)
+        orientation = _numbers(_element_text(ds, 0x00200037), 6)
+        slope, intercept = _element_text(ds, 0x00281053) or "1", _element_text(ds, 0x00281052) or "0"
+        rescale = (float(slope), float(intercept)) if _is_number(slope) and _is_number(intercept) else None
+        elem = ds.get_item(0x7FE00010, keep_deferred=True)  # a deferred value stays unread
+        if elem is None:
+            return _SliceHeader((0, 1) if "Rows" in ds else None, position, orientation, rescale)  # no pixel data
+        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * -(-int(ds.BitsAllocated) // 8) * int(ds.get("NumberOfFrames", 1) or 1))
+        if getattr(elem, "is_undefined_length", False) or getattr(elem, "length", 0) == _UNDEFINED_LENGTH:
+            return _SliceHeader(None, position, orientation, rescale)  # encapsulated (compressed): its decoder checks
+        layout = _raw_pixel_layout(ds, elem, need)
+        if isinstance(getattr(elem, "value", None), (bytes, bytearray)):  # small: read already
+            return _SliceHeader((len(elem.value), need), position, orientation, rescale, layout, bytes(elem.value))
+        # deferred: the element's length, capped by what the file holds after the element starts
+        pixel_bytes = (min(int(elem.length), max(size - int(elem.value_tell), 0)), need)
+        return _SliceHeader(pixel_bytes, position, orientation, rescale, layout)
+    except (OSError, ValueError, TypeError, AttributeError, EOFError, KeyError):
+        # pydicom cannot parse it: GDCM, which read its header, decides; the file's size bounds its pixel data
         r = _dicom_header(file)
         keys, defaults = ("0028|0010", "0028|0011", "0028|0002", "0028|0100", "0028|0008"), (0, 0, 1, 16, 1)
         rows, cols, spp, bits, frames = (
             int(float(v)) if _is_number(v := _tag(r, k)) else d for k, d in zip(keys, defaults, strict=True)
         )
-        return size, rows * cols * spp * -(-bits // 8) * frames
-    try:
-        ds = pydicom.dcmread(file, defer_size=1024, force=True)
-        elem = ds.get_item(0x7FE00010)
-        if elem is None:
-            return (0, 1) if "Rows" in ds else None  # an image header without pixel data
-        length = int(elem.length)
-        if length == _UNDEFINED_LENGTH:
-            return None
-        present = min(length, max(size - int(elem.value_tell), 0))
-        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-                * -(-int(ds.BitsAllocated) // 8) * int(ds.get("NumberOfFrames", 1) or 1))
-    except (OSError, ValueError, TypeError, AttributeError, EOFError, KeyError):
-        return None  # pydicom cannot parse it: GDCM, which read its header, decides
-    return present, need
+        return _SliceHeader((size, rows * cols * spp * -(-bits // 8) * frames), _numbers(_tag(r, "0020|0032"), 3),
+                            _numbers(_tag(r, "0020|0037"), 6), None)
 
 
-def _check_pixel_data(series: _Series, folder: Path) -> None:
-    """Raise, naming the file, if a file of ``series`` holds less pixel data than its header declares (a cut file
-    would otherwise be read as garbage, e.g. HU up to 64511)."""
-    try:
-        import pydicom
-    except ImportError:  # a development dependency: without it the file size bounds the pixel data
-        pydicom = None
+def _slice_headers(series: _Series, folder: Path) -> list[_SliceHeader]:
+    """Each file's :class:`_SliceHeader`; raise, naming the file, if one holds less pixel data than its header
+    declares (a cut file would otherwise be read as garbage, e.g. HU up to 64511)."""
+    import pydicom
+
+    headers = []
     for file in series.files:
-        sizes = _pixel_data_bytes(file, pydicom)
-        if sizes is not None and sizes[0] < sizes[1]:
+        h = _slice_header(file, pydicom)
+        if h.pixel_bytes is not None and h.pixel_bytes[0] < h.pixel_bytes[1]:
             raise LumbarBMDError(
                 f"DICOM file {file} of series {series.label()} in {folder} is truncated or damaged: it holds "
-                f"{sizes[0]:,} bytes of pixel data where its header declares {sizes[1]:,}; the series was not read "
-                "(copy it again from the scanner or PACS)"
+                f"{h.pixel_bytes[0]:,} bytes of pixel data where its header declares {h.pixel_bytes[1]:,}; the series "
+                "was not read (copy it again from the scanner or PACS)"
             )
+        headers.append(h)
+    return headers
 
 
-def _slice_geometry(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _slice_geometry(headers: list[_SliceHeader]) -> tuple[np.ndarray, np.ndarray]:
     """ImagePositionPatient ``(n, 3)`` and ImageOrientationPatient ``(n, 6)`` of each file (NaN if absent)."""
-    positions = np.full((len(files), 3), np.nan)
-    orientations = np.full((len(files), 6), np.nan)
-    for n, file in enumerate(files):
-        r = _dicom_header(file)
-        for out, key, count in ((positions, "0020|0032", 3), (orientations, "0020|0037", 6)):
-            parts = _tag(r, key).split("\\")
-            if len(parts) == count and all(_is_number(x) for x in parts):
-                out[n] = [float(x) for x in parts]
+    positions = np.array([h.position or (np.nan,) * 3 for h in headers], dtype=float).reshape(-1, 3)
+    orientations = np.array([h.orientation or (np.nan,) * 6 for h in headers], dtype=float).reshape(-1, 6)
     return positions, orientations
 
 
-def _sorted_checked_slices(series: _Series, folder: Path, unread: list[str] | None = None) -> list[str]:
+def _sorted_checked_slices(
+    series: _Series, headers: list[_SliceHeader], folder: Path, unread: list[str] | None = None
+) -> list[str]:
     """Slice files sorted along the slice normal; raise on mixed orientations, duplicates or gaps."""
-    positions, orientations = _slice_geometry(series.files)
+    positions, orientations = _slice_geometry(headers)
     name = series.label()
     missing = np.isnan(positions).any(axis=1) | np.isnan(orientations).any(axis=1)
     if missing.any():

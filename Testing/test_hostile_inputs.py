@@ -190,6 +190,120 @@ def test_dicom_slice_with_truncated_pixel_data(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_gdcm_written_slice_with_short_pixel_data(tmp_path: Path, tiles: int) -> None:
+    """The same in a file as GDCM writes it (implicit VR): the PixelData element's length and the file are shortened
+    together, so GDCM still reads the slice (as garbage); refused, naming it. With 2 × 2 tiles the pixel data are
+    larger than what pydicom reads at once (its value is deferred, as in every real CT)."""
+    hu = np.tile(integer_hu(), (1, tiles, tiles))
+    write_dicom_series(tmp_path, hu, series=1, description="cut")
+    cut = tmp_path / "s01_007.dcm"
+    raw = cut.read_bytes()
+    at = raw.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData, implicit VR little endian: tag, 4-byte length
+    length = int.from_bytes(raw[at + 4 : at + 8], "little")
+    assert length == 960 * tiles**2 and at + 8 + length == len(raw)
+    cut.write_bytes(raw[: at + 4] + (length - 300).to_bytes(4, "little") + raw[at + 8 : -300])
+    assert sitk.ReadImage(str(cut)).GetSize() == (24 * tiles, 20 * tiles, 1)  # GDCM reads it: only the check refuses
+    with pytest.raises(LumbarBMDError) as info:
+        read_ct(tmp_path)
+    assert str(info.value) == (
+        f"DICOM file {cut} of series 'cut' (CT, 16 slices) in {tmp_path} is truncated or damaged: it holds "
+        f"{length - 300:,} bytes of pixel data where its header declares {length:,}; the series was not read (copy it "
+        "again from the scanner or PACS)"
+    )
+
+
+def _hu_by_pydicom(folder: Path) -> np.ndarray:
+    """The series' HU as pydicom decodes them (pixel_array, bits above BitsStored handled, then the modality LUT),
+    slices sorted along +S, float32: the reference for LumbarBMD's direct read of plain pixel data."""
+    from pydicom.pixels import apply_modality_lut
+
+    datasets = sorted((pydicom.dcmread(f) for f in folder.glob("*.dcm")),
+                      key=lambda d: float(d.ImagePositionPatient[2]))
+    return np.stack([apply_modality_lut(d.pixel_array, d) for d in datasets]).astype(np.float32)
+
+
+@pytest.mark.parametrize("variant", ["12 bits stored, high bits set", "signed 12 bits stored", "a slope per slice",
+                                     "explicit VR, 8 bits"])
+def test_plain_dicom_pixels_read_directly_as_pydicom_decodes_them(tmp_path: Path, variant: str) -> None:
+    """Uncompressed grey-scale slices are read by LumbarBMD straight from the file (not by GDCM): the values equal
+    pydicom's decoding in each awkward encoding, and the geometry equals SimpleITK's."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    import LumbarBMDLib.volume as volume
+
+    hu = integer_hu()
+    write_dicom_series(tmp_path, hu, series=1, description="plain")
+    rng = np.random.default_rng(1)
+    for k, file in enumerate(sorted(tmp_path.glob("*.dcm"))):
+        ds = pydicom.dcmread(file)
+        stored = ds.pixel_array.astype(np.int64)  # HU + 1024, unsigned 16 bits
+        if variant == "12 bits stored, high bits set":  # e.g. overlay bits left in the unused high bits
+            ds.BitsStored, ds.HighBit = 12, 11
+            stored = (stored.clip(0, 4095) | (rng.integers(0, 16, stored.shape) << 12)).astype(np.uint16)
+        elif variant == "signed 12 bits stored":  # two's complement in 12 bits, high bits zero
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 12, 11, 1, 0
+            stored = ((stored - 1024).clip(-2048, 2047) & 0xFFF).astype(np.uint16)
+        elif variant == "a slope per slice":
+            ds.RescaleSlope, ds.RescaleIntercept = f"{0.5 + 0.1 * k:.2f}", "-1000.5"
+            stored = stored.astype(np.uint16)
+        else:  # 8 bits (stored = (HU + 1024) / 16), explicit VR little endian
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.RescaleSlope = 8, 8, 7, 16
+            stored = (stored // 16).clip(0, 255).astype(np.uint8)
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.PixelData = stored.tobytes()
+        ds.save_as(file, enforce_file_format=True)
+    header = volume._slice_header(str(sorted(tmp_path.glob("*.dcm"))[0]), pydicom)
+    assert header.raw_pixels is not None  # LumbarBMD's direct read, not GDCM's
+    vol = read_ct(tmp_path)
+    np.testing.assert_allclose(vol.hu, _hu_by_pydicom(tmp_path), rtol=0, atol=1e-4)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path)))
+    ref = sitk.DICOMOrient(reader.Execute(), "LPS")
+    np.testing.assert_allclose(vol.spacing, ref.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-9)
+    if variant == "12 bits stored, high bits set":  # the masked values, not the 16-bit words
+        assert float(vol.hu.max()) <= 4095 - 1024
+
+
+def test_compressed_and_oblique_dicom_are_read_as_simpleitk_does(tmp_path: Path) -> None:
+    """What LumbarBMD does not read directly (a compressed series) is left to GDCM; an oblique plain series read
+    directly has SimpleITK's voxels and geometry."""
+    import LumbarBMDLib.volume as volume
+
+    hu = integer_hu()
+    oblique = tmp_path / "oblique"
+    c, s = math.cos(0.35), math.sin(0.35)
+    write_dicom_series(oblique, hu, series=1, description="oblique",
+                       direction=np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]))
+    compressed = tmp_path / "compressed"
+    compressed.mkdir()
+    for file in sorted(oblique.glob("*.dcm")):
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetUseCompression(True)
+        image = sitk.ReadImage(str(file), outputPixelType=sitk.sitkUInt16)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        reader.ReadImageInformation()
+        for key in reader.GetMetaDataKeys():
+            image.SetMetaData(key, reader.GetMetaData(key))
+        writer.SetFileName(str(compressed / file.name))
+        writer.Execute(image)
+    assert volume._slice_header(str(next(compressed.glob("*.dcm"))), pydicom).raw_pixels is None
+    assert volume._slice_header(str(next(oblique.glob("*.dcm"))), pydicom).raw_pixels is not None
+    for folder in (oblique, compressed):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+        ref = sitk.DICOMOrient(reader.Execute(), "LPS")
+        vol = read_ct(folder)
+        np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(ref))
+        np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-6)
+
+
 def test_dicom_file_cut_short_is_named(tmp_path: Path) -> None:
     """A file cut at its end is left out of the series by GDCM: the gap sentence names it."""
     write_dicom_series(tmp_path, integer_hu(), series=1, description="cut")
