@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from LumbarBMDLib import __version__
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.calibration import ScannerCalibration
 from LumbarBMDLib.durable import (
     atomic_folder,
@@ -102,7 +103,7 @@ def case_ids(paths: list[Path]) -> list[str]:
     parts = [[*Path(os.path.abspath(p)).parts[:-1], _stem(Path(p))] for p in paths]
     last = {q[-1] for q in parts}
     drop = [(len(paths) > 1 and len(last) == 1) or q[-1].lower() in GENERIC_NAMES for q in parts]
-    keys = [q[:-1] if d and len(q) > 1 else q for q, d in zip(parts, drop, strict=True)]
+    keys = [q[:-1] if d and len(q) > 1 else q for q, d in zip_strict(parts, drop)]
     common = os.path.commonpath([os.path.join(*k) for k in keys]) if len(keys) > 1 else None
     ids = []
     for k in keys:
@@ -329,7 +330,7 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     outcomes = []
     notes: dict[str, str] = {}
     summary_cache: dict[str, tuple[int, dict]] = {}
-    for path, case_id in tqdm(list(zip(paths, case_ids(paths), strict=True)), desc="cases", unit="case",
+    for path, case_id in tqdm(list(zip_strict(paths, case_ids(paths))), desc="cases", unit="case",
                               disable=not progress):
         outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, calibration, force)
         if outcome.note:

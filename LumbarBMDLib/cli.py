@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from LumbarBMDLib import __version__
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.errors import LumbarBMDError
 
 DEMO_SEED = 2026  # the embedded default case of `lumbarbmd demo`
@@ -174,7 +175,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     write_segmentation(args.out, ann.images, result, summary)
     spine = ann.spine
     print("levels numbered on the CT from " + spine.anchor if spine.numbered else f"not numbered: {spine.refusal}")
-    for lv, an in zip(result.levels, anatomical.levels, strict=True):
+    for lv, an in zip_strict(result.levels, anatomical.levels):
         where = ", ".join(f"{c:.1f}" for c in lv.centre_lps) if lv.found else lv.reason
         said = f"; the network had labelled it {an.network_level}" if an.network_level not in (None, lv.level) else ""
         print(f"{lv.level}: " + (f"found ({an.source}{said}), centre LPS ({where})" if lv.found else where))

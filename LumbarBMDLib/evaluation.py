@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.regression import CATEGORIES, bmd_category
 
@@ -126,7 +127,7 @@ def cohort_characteristics(cohorts: dict[str, list[dict]], categorical: tuple[st
     for key in continuous:
         groups = [[float(p[key]) for p in cohorts[n] if p.get(key) is not None] for n in names]
         summary = {n: {"mean": float(np.mean(g)), "sd": float(np.std(g, ddof=1)) if len(g) > 1 else 0.0}
-                   for n, g in zip(names, groups, strict=True) if g}
+                   for n, g in zip_strict(names, groups) if g}
         if sum(1 for g in groups if len(g) > 0) < 2:
             out[key] = {"test": "Kruskal-Wallis", "summary": summary, "p": float("nan")}
             continue
@@ -318,7 +319,7 @@ def read_truth_json(path: Path) -> tuple[str, dict]:
     patient = {k: t.get(k) for k in ("vendor", "sex", "age", "category", "mean_bmd_mg_cm3")}
     for key in ("age", "mean_bmd_mg_cm3"):  # continuous characteristics compared across cohorts
         v = patient[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
             raise LumbarBMDError(f"reference file {path}: {key} must be a number or null, got {v!r}")
     return case, {"bmd": bmd, "patient": patient, "folder": str(path.parent)}
 
@@ -397,7 +398,7 @@ def _measured_bmd(v: object, path: Path) -> tuple[str, float] | None:
     if not v.get("found"):
         return None
     value = v.get("bmd_mg_cm3")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         raise LumbarBMDError(f"{path}: level {v['level']} is marked found but its bmd_mg_cm3 {value!r} is not a "
                              "finite number; run the case again")
     return v["level"], float(value)

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.sagittal import SagittalGeometry
 from LumbarBMDLib.volume import CTVolume
 
@@ -111,7 +112,7 @@ def level_centres_in_image(label_image: sitk.Image, min_area_mm2: float = MIN_LE
         if arr.ndim == 3 and arr.shape[0] > 1 and arr.shape[1] > 1 and arr.shape[2] > 1:
             area = float(keep.sum(axis=(1, 2)).max() * spacing[0] * spacing[1])  # axial cross-section
         else:
-            flat = [s for s, n in zip(spacing, arr.shape[::-1], strict=True) if n > 1]
+            flat = [s for s, n in zip_strict(spacing, arr.shape[::-1]) if n > 1]
             area = float(keep.sum() * np.prod(flat))
         if area < min_area_mm2:
             out.append(LevelLocation(name, False, f"{REASON_FRAGMENT} ({area:.0f} mm²)", centre, area))

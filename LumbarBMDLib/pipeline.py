@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from LumbarBMDLib import __version__
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.annotation import Annotation, prepare
 from LumbarBMDLib.calibration import ScannerCalibration
 from LumbarBMDLib.localisation import LevelLocation, level_centres, locate_in_ct
@@ -171,7 +172,7 @@ def _locations(anatomical: AnatomicalSegmentation, annotation: Annotation, volum
     centres = level_centres(anatomical.labels, anatomical.geometry)
     ident = annotation.spine
     out = []
-    for c, lv, idv in zip(centres, anatomical.levels, ident.levels, strict=True):
+    for c, lv, idv in zip_strict(centres, anatomical.levels, ident.levels):
         if not lv.found:
             out.append(LevelLocation(c.level, False, lv.reason or c.reason, c.centre_lps, c.area_mm2))
         elif not idv.measurable:
@@ -256,7 +257,7 @@ def results_json(result: CaseResult, source: str, seg_model: SegmentationModel |
     anat = {a.level: a for a in result.anatomical.levels} if result.anatomical else {}
     ident = result.spine
     vertebrae = []
-    for loc, patch, lv in zip(result.locations, result.patches, result.levels, strict=True):
+    for loc, patch, lv in zip_strict(result.locations, result.patches, result.levels):
         seg = anat.get(lv.level)
         entry = {"level": lv.level, "found": bool(lv.found),
                  "bmd_mg_cm3": round(lv.bmd_mg_cm3, 1) if lv.found else None,

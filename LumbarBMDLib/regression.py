@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.patches import PATCH_SIZE, TrabecularPatch
 from LumbarBMDLib.seg_training import resolve_device
@@ -118,7 +119,7 @@ def predict_bmd(model: RegressionModel, patches: list[TrabecularPatch]) -> list[
     values = {}
     if found:
         y = predict_normalised(model.network, np.stack([p.image for p in found]), model.device)
-        values = {p.level: float(v) * BMD_SCALE + BMD_CENTRE for p, v in zip(found, y, strict=True)}
+        values = {p.level: float(v) * BMD_SCALE + BMD_CENTRE for p, v in zip_strict(found, y)}
     out = []
     for p in patches:
         if p.level in values:

@@ -14,6 +14,7 @@ import io
 
 import numpy as np
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.figures import CATEGORY_COLOURS, LEVEL_COLOURS, WINDOW_HU, overlay_levels
 from LumbarBMDLib.patches import PATCH_PIXEL_MM, PATCH_SIZE, sample_axial_planes
 
@@ -103,7 +104,7 @@ def axial_figure(result) -> str:
 
     fig, axes = plt.subplots(1, 4, figsize=(11, 3.0))
     half_px = round(40.0 / PATCH_PIXEL_MM)
-    for ax, patch, value in zip(axes, result.patches, range(1, 5), strict=True):
+    for ax, patch, value in zip_strict(axes, result.patches, range(1, 5)):
         ax.set_axis_off()
         if not patch.found:
             ax.set_title(f"{patch.level}: not measured", fontsize=9)

@@ -37,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.metrics import segmentation_metrics
 from LumbarBMDLib.r2unet import count_parameters, r2unet_from_width
@@ -349,7 +350,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, cases: list[SegCase], device: 
     for b in range(0, len(cases), batch_size):
         x = np.stack([c.image[:, c0:c1] for c in cases[b : b + batch_size]])[:, None]
         model(torch.from_numpy(np.ascontiguousarray(x)).to(device))
-    for m, momentum in zip(bns, momenta, strict=True):
+    for m, momentum in zip_strict(bns, momenta):
         m.momentum = momentum
     model.eval()
 
@@ -452,7 +453,7 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
             _checkpoint(last, model, optimizer, epoch, best, config, rng)
             if progress:
                 print(f"epoch {epoch}: loss {np.mean(losses):.4f}, val DSC " +
-                      " ".join(f"{lv} {v:.3f}" for lv, v in zip(LEVELS, val, strict=True)))
+                      " ".join(f"{lv} {v:.3f}" for lv, v in zip_strict(LEVELS, val)))
 
     best_tensors, best_meta = load_tensors(out_dir / "checkpoint_best.safetensors")
     model.load_state_dict(best_tensors)
@@ -472,8 +473,8 @@ def train_segmentation(data_dir: str | Path, out_dir: str | Path, config: SegTra
                      **({"initialised_from": {"path": config.init, "sha256": sha256_of(config.init)}}
                         if config.init else {})},
         "metrics": {
-            "validation_dsc_before_bn_recalibration": dict(zip(LEVELS, map(float, best_meta["val_dice"]), strict=True)),
-            "validation_dsc": dict(zip(LEVELS, map(float, recalibrated), strict=True)),
+            "validation_dsc_before_bn_recalibration": dict(zip_strict(LEVELS, map(float, best_meta["val_dice"]))),
+            "validation_dsc": dict(zip_strict(LEVELS, map(float, recalibrated))),
         },
     }
     return save_model(model, out_dir / "segmentation.safetensors", card)

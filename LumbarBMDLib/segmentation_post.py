@@ -49,6 +49,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.sagittal import SagittalGeometry
 
 #: Output classes of the segmentation network: 0 background, 1–4 = L1–L4.
@@ -232,7 +233,7 @@ def postprocess(
     inversions = _inversions(rows)
     if inversions:
         top_to_bottom = sorted(masks, key=lambda lab: (rows[lab], lab))
-        mapping = dict(zip(top_to_bottom, sorted(masks), strict=True))  # original label → new label
+        mapping = dict(zip_strict(top_to_bottom, sorted(masks)))  # original label → new label
         supported = all(
             float(fused[new][masks[old]].mean()) >= min_relabel_probability
             for old, new in mapping.items()

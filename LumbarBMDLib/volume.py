@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LumbarBMDLib import durable
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.errors import LumbarBMDError
 
 
@@ -571,7 +572,7 @@ def _inflate_members_in_parallel(data: bytes, expected: int, sink: _SliceSink) -
         starts.append(k)
     if len(starts) < 2 or not data.startswith(_PLAIN_MEMBER_HEADER):
         return False
-    parts = [memoryview(data)[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
+    parts = [memoryview(data)[a:b] for a, b in zip_strict(starts, [*starts[1:], len(data)])]
     sizes = [int.from_bytes(bytes(p[-4:]), "little") for p in parts]  # ISIZE (members < 4 GiB)
     if sum(sizes) < expected:
         return False
@@ -909,7 +910,7 @@ def axial_grid(volume: CTVolume) -> CTVolume:
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     pixel = float(min(volume.spacing[0], volume.spacing[1]))
     spacing = (pixel, pixel, float(volume.spacing[2]))
-    size = [int(np.ceil((h - low) / s)) + 1 for h, low, s in zip(hi, lo, spacing, strict=True)]
+    size = [int(np.ceil((h - low) / s)) + 1 for h, low, s in zip_strict(hi, lo, spacing)]
     ref = sitk.Image(size, sitk.sitkFloat32)
     ref.SetSpacing(spacing)
     ref.SetOrigin(tuple(float(v) for v in lo))
@@ -1290,7 +1291,7 @@ def _read_dicom_folder(
         meta["warnings"].append("multi-frame DICOM file: slice positions were not checked for gaps")
         return _execute(sitk.ImageFileReader(), used.files, folder), meta
     files = _sorted_checked_slices(used, headers, folder, unread)
-    by_file = dict(zip(used.files, headers, strict=True))
+    by_file = dict(zip_strict(used.files, headers))
     voxels = _plain_series(used, files, [by_file[f] for f in files])
     if voxels is not None:
         return voxels, meta
@@ -1332,7 +1333,7 @@ def _plain_series(series: _Series, files: list[str], headers: list[_SliceHeader]
 
     def read_into(view: np.ndarray) -> None:
         shift = item.itemsize * 8 - stored
-        for k, (file, h) in enumerate(zip(files, headers, strict=True)):
+        for k, (file, h) in enumerate(zip_strict(files, headers)):
             if h.small_value is not None:
                 values = np.frombuffer(h.small_value, item, count)
             else:
@@ -1475,7 +1476,7 @@ def _slice_header(file: str, pydicom: ModuleType) -> _SliceHeader:
         r = _dicom_header(file)
         keys, defaults = ("0028|0010", "0028|0011", "0028|0002", "0028|0100", "0028|0008"), (0, 0, 1, 16, 1)
         rows, cols, spp, bits, frames = (
-            int(float(v)) if _is_number(v := _tag(r, k)) else d for k, d in zip(keys, defaults, strict=True)
+            int(float(v)) if _is_number(v := _tag(r, k)) else d for k, d in zip_strict(keys, defaults)
         )
         return _SliceHeader((size, rows * cols * spp * -(-bits // 8) * frames), _numbers(_tag(r, "0020|0032"), 3),
                             _numbers(_tag(r, "0020|0037"), 6), None)

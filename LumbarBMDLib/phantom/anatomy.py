@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from LumbarBMDLib._compat import zip_strict
+
 LUMBAR_LEVELS = ("L1", "L2", "L3", "L4")
 CATEGORY_PROBABILITIES = {"osteoporosis": 0.17, "osteopenia": 0.42, "normal": 0.41}
 
@@ -281,7 +283,7 @@ def _place_spine(vertebrae: list[Vertebra], lordosis: float, sacral_slope: float
         s += v.disc_below + v.height / 2.0
         centres_s.append(s)
         s += v.height / 2.0
-    top_l1 = next(c + v.height / 2 for c, v in zip(centres_s, vertebrae, strict=True) if v.name == "L1")
+    top_l1 = next(c + v.height / 2 for c, v in zip_strict(centres_s, vertebrae) if v.name == "L1")
     total = s
     ds = 0.5
     grid = np.arange(0.0, total + ds, ds)
@@ -291,7 +293,7 @@ def _place_spine(vertebrae: list[Vertebra], lordosis: float, sacral_slope: float
     roll = np.arctan(dlat)
     y = np.concatenate([[0.0], np.cumsum(np.sin(tilt[1:]) * ds)])
     z = np.concatenate([[0.0], np.cumsum(np.cos(tilt[1:]) * ds)])
-    for v, cs in zip(vertebrae, centres_s, strict=True):
+    for v, cs in zip_strict(vertebrae, centres_s):
         i = round(cs / ds)
         yaw = np.deg2rad(0.6 * lateral[i])  # axial rotation follows the scoliotic curve (≈ 0.6°/mm)
         v.axes = rotation(float(tilt[i]), float(roll[i]), float(yaw))

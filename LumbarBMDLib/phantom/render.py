@@ -15,13 +15,13 @@ Order of work (each a small function):
 from __future__ import annotations
 
 import functools
-import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+from LumbarBMDLib._compat import pairwise, zip_strict
 from LumbarBMDLib.phantom.anatomy import POSTERIOR_OFFSET, Patient, Vertebra
 from LumbarBMDLib.phantom.scanner import ScannerProfile
 from LumbarBMDLib.phantom.shapes import (
@@ -433,7 +433,7 @@ def render_discs(hu, tissue, patient: Patient, grid: Grid, scanner: ScannerProfi
         Frame(v.centre, v.axes) for v in patient.vertebrae[:-1]
     ]
     below_half = [14.0] + [v.height / 2.0 for v in patient.vertebrae[:-1]]
-    for lower, lower_half, upper in zip(below_frames, below_half, patient.vertebrae, strict=True):
+    for lower, lower_half, upper in zip_strict(below_frames, below_half, patient.vertebrae):
         top_lower = lower.centre + lower_half * lower.axes[2]
         bottom_upper = upper.centre - upper.height / 2.0 * upper.axes[2]
         mid = 0.5 * (top_lower + bottom_upper)
@@ -607,7 +607,7 @@ def render_sacrum_and_pelvis(hu, labels, tissue, patient: Patient, grid: Grid, s
         return
     box, (u, v, w) = got
     bodies, chain, dorsal, canal = [], [], [], []
-    for (vc, wc, alpha), (height, a, b) in zip(_sacral_segment_frames(), SACRAL_SEGMENTS, strict=True):
+    for (vc, wc, alpha), (height, a, b) in zip_strict(_sacral_segment_frames(), SACRAL_SEGMENTS):
         ca, sa = np.cos(alpha), np.sin(alpha)
         wk = (v - vc) * sa + (w - wc) * ca  # along the segment's axis (superior)
         vk = (v - vc) * ca - (w - wc) * sa  # posterior
@@ -664,7 +664,7 @@ def render_ribs(hu, labels, tissue, patient: Patient, grid: Grid, scanner: Scann
             if box is None:
                 continue
             x, y, z = grid.coords(box)
-            dist = _min([segment_distance(x, y, z, p0, p1) for p0, p1 in itertools.pairwise(pts)])
+            dist = _min([segment_distance(x, y, z, p0, p1) for p0, p1 in pairwise(pts)])
             d = dist - 4.5
             _bone(hu, labels, tissue, box, d, d + 1.2, cortical, inner, vert.label + POSTERIOR_OFFSET, h)
 
@@ -715,7 +715,7 @@ def render_metal(hu, tissue, patient: Patient, grid: Grid, levels: tuple[str, ..
                 stamp(tissue, box, f, Tissue.METAL)
                 metal[box] |= f >= 0.25
     for pts in heads.values():
-        for p0, p1 in itertools.pairwise(pts):
+        for p0, p1 in pairwise(pts):
             p0e, p1e = p0 + 8.0 * (p0 - p1) / np.linalg.norm(p0 - p1), p1 + 8.0 * (p1 - p0) / np.linalg.norm(p0 - p1)
             box = grid.bbox(np.minimum(p0e, p1e) - 5, np.maximum(p0e, p1e) + 5)
             if box is None:
@@ -773,7 +773,7 @@ def metal_streaks(hu: np.ndarray, metal: np.ndarray, grid: Grid, rng: np.random.
         streak = np.zeros((ny, nx), np.float32)
         cx, cy = cents.mean(axis=0)
         r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
-        for ang, amp in zip(angles, amps, strict=True):
+        for ang, amp in zip_strict(angles, amps):
             dperp = np.abs(-(x - cx) * np.sin(ang) + (y - cy) * np.cos(ang))
             streak += np.float32(amp) * np.exp(-(dperp**2) / (2 * 1.5**2)) / (1.0 + r / 40.0)
         if n >= 2:

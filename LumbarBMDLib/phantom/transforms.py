@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.phantom import PhantomCase
 from LumbarBMDLib.phantom.anatomy import BODY_LABELS
 from LumbarBMDLib.volume import CTVolume, reorient_to_lps
@@ -149,7 +150,7 @@ def contrast_distractors(case: PhantomCase, seed: int = 0) -> Transformed:
     depth = np.array([levels[n]["body_mm"]["depth"] for n in names], float)
     value = rng.uniform(300, 400)
     radius = rng.uniform(10, 13)
-    for p, d in zip(pts, depth, strict=True):
+    for p, d in zip_strict(pts, depth):
         centre = p + np.array([6.0, -(d / 2 + radius - 2.0), 0.0])
         tube = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= radius**2) & (np.abs(z - centre[2]) <= 20.0)
         hu[tube & ~bone] = value

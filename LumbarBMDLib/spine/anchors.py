@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.spine.chain import VertebralChain, metal_planes
 from LumbarBMDLib.spine.frame import Straightened
 from LumbarBMDLib.volume import CTVolume
@@ -206,7 +207,7 @@ def _ribs_at(band: Straightened, chain: VertebralChain, threshold_hu: float, ban
             continue
         lo = [max(0, sl.start - 2) for sl in box]
         near = ndimage.binary_dilation(np.pad(region, 2), iterations=2)[
-            tuple(slice(lo_ - (sl.start - 2), None) for lo_, sl in zip(lo, box, strict=True))]
+            tuple(slice(lo_ - (sl.start - 2), None) for lo_, sl in zip_strict(lo, box))]
         window = metal[lo[0] : lo[0] + near.shape[0], lo[1] : lo[1] + near.shape[1], lo[2] : lo[2] + near.shape[2]]
         if (near[: window.shape[0], : window.shape[1], : window.shape[2]] & window).any():
             continue  # bone joined to an implant: its streaks reach as far as a rib

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.canal import CanalResult
 from LumbarBMDLib.spine.frame import SpineFrame, Straightened, spine_frame
 from LumbarBMDLib.volume import CTVolume
@@ -494,7 +495,7 @@ def _bodies_between(frame: SpineFrame, volume: CTVolume, column: Straightened, a
     ends = [(d.top_s_mm, False, d.s_mm) for d in discs] + [(last, cut_last, last)]
     m = column.values[:, :, 0]
     bodies = []
-    for (top, cut_top, zone_top), (bottom, cut_bottom, zone_bottom) in zip(edges, ends, strict=True):
+    for (top, cut_top, zone_top), (bottom, cut_bottom, zone_bottom) in zip_strict(edges, ends):
         if bottom - top < MIN_BODY_MM:
             continue
         sel = (s >= zone_top) & (s <= zone_bottom) & valid  # with its endplates

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.localisation import LevelLocation
 from LumbarBMDLib.sagittal import SagittalGeometry
 from LumbarBMDLib.spine.chain import Disc, VertebralChain
@@ -152,8 +153,8 @@ def anatomical_labels(fused: np.ndarray, geometry: SagittalGeometry, ident: Spin
     labels = np.zeros(fused.shape[1:], np.uint8)
     pixel_area = geometry.pixel_mm**2
     if not ident.numbered:
-        levels = [AnatomicalLevel(name, False, reason=lv.reason) for name, lv in zip(LEVEL_NAMES, ident.levels,
-                                                                                        strict=True)]
+        levels = [AnatomicalLevel(name, False, reason=lv.reason)
+                  for name, lv in zip_strict(LEVEL_NAMES, ident.levels)]
         return AnatomicalSegmentation(labels, geometry, levels)
     chain = ident.chain
     pts, s, a = plane_frame_coordinates(geometry, chain)
