@@ -21,8 +21,10 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +137,11 @@ def _headlessParameterNodeWrapper(classtype):
                 if value is not None and not isinstance(value, hints[name]):
                     raise TypeError(f"{name} must be a {hints[name].__name__}, not {type(value).__name__}")
                 wasModified = node.StartModify()
-                node.SetParameter(name, "")
-                node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
-                node.EndModify(wasModified)
+                try:
+                    node.SetParameter(name, "")
+                    node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+                finally:
+                    node.EndModify(wasModified)
             elif kind is bool:
                 node.SetParameter(name, "True" if value else "False")
             else:
@@ -165,18 +169,38 @@ try:  # Slicer ≥ 5.4 (needs Qt); absent from the slicer-core wheel the tests u
     from slicer.parameterNodeWrapper import parameterNodeWrapper
 except ImportError:
     parameterNodeWrapper = _headlessParameterNodeWrapper
+try:  # annotations that Slicer's GUI connectors read (choices of a combo box, range of a spin box)
+    from slicer.parameterNodeWrapper import Choice, WithinRange
+except ImportError:
+    class Choice:
+        """Stand-in for ``slicer.parameterNodeWrapper.Choice`` (the allowed values of a parameter)."""
+
+        def __init__(self, choices):
+            self.choices = choices
+
+    class WithinRange:
+        """Stand-in for ``slicer.parameterNodeWrapper.WithinRange`` (inclusive range of a number)."""
+
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
+
+QCT_RANGE = (0.0, 400.0)  # mg/cm³; 0 shows "—" (no reference value)
 
 
 @parameterNodeWrapper
 class LumbarBMDParameterNode:
     """The module's state, kept in the scene (so it is saved and reloaded with it).
 
-    inputVolume: the CT. segmentation / table: the L1–L4 segments and the BMD table of the last computation (the
-    segments are what "Recompute BMD" measures). annotationImage / annotationSegmentation: the annotator's 20-slice
-    mean sagittal image and the segments drawn on it. device: "auto", "cpu" or "cuda". segmentationModelPath /
-    regressionModelPath: model files ("" = the shipped defaults). calibrationPath: scanner calibration JSON
-    (``lumbarbmd calibrate``), "" for none. datasetFolder / caseId / overwriteCase: where "Export training pair"
-    writes. qctL1..qctL4: QCT reference BMD (mg/cm³) of each level for ``train-bmd``; 0 = none.
+    Every parameter has a widget in ``LumbarBMD.ui`` whose ``SlicerParameterName`` dynamic property names it (a static
+    test checks both ways and the types). inputVolume: the CT. segmentation / table: the L1–L4 segments and the BMD
+    table of the last computation (the segments are what "Recompute BMD" measures). annotationImage /
+    annotationSegmentation: the annotator's 20-slice mean sagittal image and the segments drawn on it. device: "auto",
+    "cpu" or "cuda". segmentationModelPath / regressionModelPath: model files ("" = the shipped defaults).
+    calibrationPath: scanner calibration JSON (``lumbarbmd calibrate``), "" for none. resultsFolder: where "Export
+    results" writes ("" = none chosen: the export refuses). datasetFolder / caseId / overwriteCase: where "Export
+    training pair" writes ("" = none chosen). qctL1..qctL4: QCT reference BMD (mg/cm³) of each level for
+    ``train-bmd``; 0 = none. Paths are ``str``, not ``pathlib.Path``: ``Path("")`` is ".", the working directory.
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
@@ -184,17 +208,18 @@ class LumbarBMDParameterNode:
     table: slicer.vtkMRMLTableNode
     annotationImage: slicer.vtkMRMLScalarVolumeNode
     annotationSegmentation: slicer.vtkMRMLSegmentationNode
-    device: str = "auto"
+    device: typing.Annotated[str, Choice(list(dependencies.DEVICES))] = "auto"
     segmentationModelPath: str = ""
     regressionModelPath: str = ""
     calibrationPath: str = ""
+    resultsFolder: str = ""
     datasetFolder: str = ""
     caseId: str = ""
     overwriteCase: bool = False
-    qctL1: float = 0.0
-    qctL2: float = 0.0
-    qctL3: float = 0.0
-    qctL4: float = 0.0
+    qctL1: typing.Annotated[float, WithinRange(*QCT_RANGE)] = 0.0
+    qctL2: typing.Annotated[float, WithinRange(*QCT_RANGE)] = 0.0
+    qctL3: typing.Annotated[float, WithinRange(*QCT_RANGE)] = 0.0
+    qctL4: typing.Annotated[float, WithinRange(*QCT_RANGE)] = 0.0
 
 
 @dataclass(frozen=True)
@@ -225,16 +250,248 @@ class ResultNodes:
 
 
 #
+# GUI <-> parameter node: Slicer's connectors, plus two that write to the widget only when the value differs
+#
+
+try:  # Slicer ≥ 5.4 (needs Qt); the headless tests check the connectors' rule on plain objects
+    from slicer.parameterNodeWrapper import GuiConnector as _GuiConnectorBase
+except ImportError:
+    _GuiConnectorBase = object
+
+#: The dynamic property of a widget in LumbarBMD.ui that names its parameter (Slicer's parameterNodeWrapper reads it).
+SLICER_PARAMETER_NAME = "SlicerParameterName"
+
+
+class LineEditConnector(_GuiConnectorBase):
+    """``QLineEdit`` <-> ``str``, written to the widget only when the value differs from what it shows.
+
+    Slicer's own ``QLineEditToStrConnector`` rewrites the text on every change of the parameter node, and
+    ``QLineEdit.setText`` puts the cursor at the end: typing inside the case id would jump to the end after each
+    keystroke (Slicer issue #8620). Not registered with Slicer (``canRepresent`` is False): the widget hands it to
+    ``connectParametersToGui`` for its own line edits only.
+    """
+
+    valueProperty = "text"
+    signal = "textChanged"
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self._widget = widget
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return False
+
+    @staticmethod
+    def create(widget, datatype):
+        return None
+
+    def _connect(self) -> None:
+        getattr(self._widget, self.signal).connect(self.changed)
+
+    def _disconnect(self) -> None:
+        getattr(self._widget, self.signal).disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return getattr(self._widget, self.valueProperty)
+
+    def write(self, value: str) -> None:
+        if self.read() != value:
+            setattr(self._widget, self.valueProperty, value)
+
+
+class PathLineEditConnector(LineEditConnector):
+    """``ctkPathLineEdit`` <-> ``str`` (a path; "" while none is chosen), written only when it differs.
+
+    Slicer's own path connectors convert to ``pathlib.Path``, which turns "" into "." (the working directory), and
+    rewrite the text on every parameter change like the line edit's.
+    """
+
+    valueProperty = "currentPath"
+    signal = "currentPathChanged"
+
+
+#: Widget classes (C++ class names) connected by this module's connectors instead of Slicer's.
+OWN_CONNECTORS = {"QLineEdit": LineEditConnector, "ctkPathLineEdit": PathLineEditConnector}
+
+
+def guiConnectors(ui) -> dict:
+    """``{parameter name: widget or connector}`` for every widget of ``ui`` with a ``SlicerParameterName``: what
+    ``connectGui`` connects, with this module's connectors for line edits and path line edits."""
+    mapping = {}
+    for widget in vars(ui).values():
+        name = widget.property(SLICER_PARAMETER_NAME) if hasattr(widget, "property") else None
+        if not name:
+            continue
+        connector = OWN_CONNECTORS.get(widget.className())
+        mapping[str(name)] = connector(widget) if connector is not None else widget
+    return mapping
+
+
+class ResultNodesWatcher(VTKObservationMixin):
+    """Says when the widget's results table must be shown again, and only then.
+
+    ``onTableChanged(tableNode)`` is called when the watched table is another node, or that table node was modified
+    (a computation, a recompute, a scene reload); ``onSegmentsEdited(edited)`` with True when a segment of the watched
+    segmentation was modified, and with False when another segmentation is watched. Any other change of the parameter
+    node (typing a case id, choosing a folder) refreshes nothing. Needs no Qt.
+    """
+
+    def __init__(self, onTableChanged, onSegmentsEdited) -> None:
+        VTKObservationMixin.__init__(self)
+        self.onTableChanged = onTableChanged
+        self.onSegmentsEdited = onSegmentsEdited
+        self.table = None
+        self.segmentation = None
+
+    def watch(self, tableNode, segmentationNode) -> None:
+        if segmentationNode is not self.segmentation:
+            if self.segmentation is not None:
+                self.removeObserver(self.segmentation, slicer.vtkSegmentation.SegmentModified, self._onSegmentModified)
+            self.segmentation = segmentationNode
+            if segmentationNode is not None:
+                self.addObserver(segmentationNode, slicer.vtkSegmentation.SegmentModified, self._onSegmentModified)
+            self.onSegmentsEdited(False)
+        if tableNode is not self.table:
+            if self.table is not None:
+                self.removeObserver(self.table, vtk.vtkCommand.ModifiedEvent, self._onTableModified)
+            self.table = tableNode
+            if tableNode is not None:
+                self.addObserver(tableNode, vtk.vtkCommand.ModifiedEvent, self._onTableModified)
+            self.onTableChanged(tableNode)
+
+    def _onTableModified(self, caller, event) -> None:
+        self.onTableChanged(self.table)
+
+    def _onSegmentModified(self, caller, event) -> None:
+        self.onSegmentsEdited(True)
+
+
+#
+# Installing the dependencies (Slicer application only; the rules are in LumbarBMDLib.dependencies)
+#
+
+
+def slicerVersion() -> tuple | None:
+    """(major, minor, patch) of the running Slicer, or None outside the application."""
+    app = getattr(slicer, "app", None)
+    if app is None:
+        return None
+    try:
+        version = [int(app.majorVersion), int(app.minorVersion)]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    patch = re.match(r"\d+\.\d+\.(\d+)", str(getattr(app, "applicationVersion", "")))
+    return tuple(version + ([int(patch.group(1))] if patch else []))
+
+
+def _slicerPipEnsure():
+    """Slicer's own installer when this Slicer has one: ``slicer.packaging.pip_ensure`` (Slicer ≥ 5.12), or
+    ``slicer.pydeps.pip_ensure`` (its name in 5.11 previews); None in Slicer 5.8 and 5.10."""
+    for name in ("slicer.packaging", "slicer.pydeps"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "pip_ensure", None)):
+            return module.pip_ensure
+    return None
+
+
+def _installTorch(requirement, progress) -> None:
+    try:
+        import PyTorchUtils  # the SlicerPyTorch extension picks the CUDA build matching the driver
+    except ImportError:
+        PyTorchUtils = None
+    progress.labelText = "Installing PyTorch" + (" (PyTorch extension)..." if PyTorchUtils else "...")
+    slicer.app.processEvents()
+    if PyTorchUtils is None:
+        slicer.util.pip_install([str(requirement)])
+    elif PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=False, torchVersionRequirement=str(requirement.specifier)
+    ) is None:
+        raise LumbarBMDError("PyTorch could not be installed: install it in the 'PyTorch Utils' module")
+
+
+def installDependencies(ask: bool = True, requirements=dependencies.RUNTIME_REQUIREMENTS) -> bool:
+    """Install what the pipeline needs into Slicer's Python, as ``dependencies.install_plan`` says; True when all is
+    there (False when the user declined, or Slicer has to restart first).
+
+    Packages that Slicer bundles are never installed (an old one is a LumbarBMDError naming the Slicer to install);
+    torch goes through the PyTorch extension when it is installed; the rest through Slicer's ``pip_ensure``
+    (Slicer ≥ 5.12) or ``pip_install``, both with a constraints file that pins what Slicer bundles and the installed
+    torch. When a package that was already imported changed (torch above all), Slicer must restart: the user is asked.
+    """
+    plan = dependencies.install_plan(requirements)
+    if plan.problem:
+        raise LumbarBMDError(plan.problem)
+    if plan.nothing_to_do:
+        return True
+    names = "\n".join(f"  {r}" for r in plan.to_install)
+    if ask and not slicer.util.confirmOkCancelDisplay(
+        f"Lumbar BMD needs these Python packages, which are not installed in Slicer yet:\n\n{names}\n\n"
+        f"Packages that come with Slicer ({', '.join(dependencies.BUNDLED_WITH_SLICER)}) are kept as they are. "
+        "Install now? This needs a network connection and can take several minutes (PyTorch is large).",
+        "Lumbar BMD: install dependencies",
+    ):
+        return False
+    everything = [r.name for r in plan.to_install] + list(plan.installed)
+    before = dependencies.installed_versions(everything)
+    progress = slicer.util.createProgressDialog(labelText="Installing Python packages...", maximum=0)
+    try:
+        slicer.app.processEvents()
+        if plan.pytorch is not None:
+            _installTorch(plan.pytorch, progress)
+        if plan.pip:
+            progress.labelText = f"Installing {', '.join(r.name for r in plan.pip)}..."
+            slicer.app.processEvents()
+            with tempfile.TemporaryDirectory(prefix="LumbarBMD-") as folder:
+                constraints = os.path.join(folder, "constraints.txt")
+                with open(constraints, "w", encoding="utf-8") as f:  # after torch: pins the build just installed
+                    f.write(dependencies.constraints_text(dependencies.installed_versions(everything)))
+                pipEnsure = _slicerPipEnsure()
+                if pipEnsure is not None:
+                    pipEnsure([str(r) for r in plan.pip], constraints=constraints, prompt_install=False,
+                              prompt_restart=False, requester="Lumbar BMD", skip_in_testing=False)
+                else:
+                    slicer.util.pip_install(["-c", constraints, *[str(r) for r in plan.pip]])
+    finally:
+        progress.close()
+    restart = dependencies.restart_message(dependencies.changed_loaded_packages(
+        before, dependencies.installed_versions(everything)))
+    still = dependencies.missing_requirements(requirements)
+    if still and not restart:
+        raise LumbarBMDError(f"still missing after installation: {', '.join(map(str, still))}; restart Slicer "
+                             "and try again, or install them from the Python console with slicer.util.pip_install")
+    if restart:
+        if slicer.util.confirmYesNoDisplay(restart + "\n\nRestart Slicer now?", "Lumbar BMD: restart needed"):
+            slicer.util.restart()
+        return False
+    return True
+
+
+#
 # LumbarBMDWidget
 #
+
+
+class ResultDiscarded(LumbarBMDError):
+    """The CT was removed, or the scene closed, while it was measured: the result was not applied."""
 
 
 class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """GUI only: loads the .ui file and wires it to :class:`LumbarBMDLogic`. No algorithm here.
 
-    State lives in the parameter node (:class:`LumbarBMDParameterNode`); the GUI mirrors it both ways. Heavy work
-    (the pipeline) runs in a worker thread while the GUI keeps processing events and shows progress; "Cancel" stops it
-    at the next stage.
+    Wired the way Slicer's scripted-module template (Slicer ≥ 5.4) does it: state lives in the parameter node
+    (:class:`LumbarBMDParameterNode`) and the widgets named by their ``SlicerParameterName`` property are connected to
+    it by ``connectParametersToGui`` (what ``connectGui`` does, with :data:`OWN_CONNECTORS` for the line edits). The
+    results table is refreshed only when its table node changes (:class:`ResultNodesWatcher`). Heavy work (the
+    pipeline) runs in a worker thread while the GUI keeps processing events and shows progress; "Cancel" stops it at
+    the next stage.
+    Nothing heavy (torch, MONAI, scipy, matplotlib) is imported when the module is created or entered.
     """
 
     def __init__(self, parent=None) -> None:
@@ -242,20 +499,30 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic = None
         self._parameterNode = None
-        self._updatingGUIFromParameterNode = False
+        self._parameterNodeGuiTag = None
+        self._watcher = None
         self._busy = False
         self._cancelRequested = False
-        self._observedSegmentation = None
         self._segmentsEdited = False
+        self._summarisedVolume = False  # the volume whose summary the status label shows (False: none yet)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        unsupported = dependencies.unsupported_slicer_message(slicerVersion())
+        if unsupported:  # an older Slicer: say which one is needed instead of failing half-way
+            label = qt.QLabel(unsupported)
+            label.wordWrap = True
+            label.openExternalLinks = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/LumbarBMD.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         # The .ui connects mrmlSceneChanged(vtkMRMLScene*) to every node selector.
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LumbarBMDLogic()
+        self._watcher = ResultNodesWatcher(self.showResults, self.onSegmentsEdited)
 
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
@@ -264,34 +531,18 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                               "Identified by", "Note"])
         self.ui.resultsTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.resultsTableWidget.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
-        self.ui.deviceComboBox.clear()
-        for device in ("auto", "cpu", "cuda"):
-            self.ui.deviceComboBox.addItem(device, device)
         for spinBox in self._qctSpinBoxes():
             spinBox.setSpecialValueText("—")  # 0 = no reference value
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        # GUI -> parameter node
-        for selector in (self.ui.inputVolumeSelector, self.ui.segmentationSelector, self.ui.tableSelector,
-                         self.ui.annotationImageSelector, self.ui.annotationSegmentationSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
-        for pathEdit in (self.ui.segmentationModelPathLineEdit, self.ui.regressionModelPathLineEdit,
-                         self.ui.calibrationPathLineEdit):
-            pathEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
-        self.ui.datasetFolderButton.connect("directoryChanged(QString)", self.updateParameterNodeFromGUI)
-        self.ui.caseIdLineEdit.connect("textChanged(QString)", self.updateParameterNodeFromGUI)
-        self.ui.overwriteCaseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        for spinBox in self._qctSpinBoxes():
-            spinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-
-        # actions
+        # actions (the parameters are connected in setParameterNode)
         self.ui.computeButton.connect("clicked(bool)", self.onComputeButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.editSegmentsButton.connect("clicked(bool)", self.onEditSegmentsButton)
         self.ui.recomputeButton.connect("clicked(bool)", self.onRecomputeButton)
+        self.ui.exportResultsButton.connect("clicked(bool)", self.onExportResultsButton)
         self.ui.createAnnotationButton.connect("clicked(bool)", self.onCreateAnnotationButton)
         self.ui.editAnnotationButton.connect("clicked(bool)", self.onEditAnnotationButton)
         self.ui.exportTrainingPairButton.connect("clicked(bool)", self.onExportTrainingPairButton)
@@ -303,14 +554,21 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        if self.logic is not None:
+            self.setParameterNode(None)
+        if self._watcher is not None:
+            self._watcher.removeObservers()
         self.removeObservers()
 
     def enter(self) -> None:
+        if self.logic is None:  # unsupported Slicer: setup showed why
+            return
         self.initializeParameterNode()
         self.updateDeviceInfo()
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        if self.logic is not None:
+            self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -327,86 +585,46 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = firstVolume
 
     def setParameterNode(self, parameterNode) -> None:
+        """Connect the GUI to ``parameterNode`` (None: disconnect), as the template's setParameterNode does."""
         if self._parameterNode is not None:
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                self.updateGUIFromParameterNode)
+                                self.onParameterNodeModified)
         self._parameterNode = parameterNode
+        self._parameterNodeGuiTag = None
         if self._parameterNode is not None:
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(guiConnectors(self.ui))
             self.addObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
-                             self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
+                             self.onParameterNodeModified)
+            self.updateDeviceInfo()  # the device combo box was refilled by its connector
+        self.onParameterNodeModified()
 
-    # --- parameter node <-> GUI -------------------------------------------------------------------------
-
-    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
-            return
-        self._updatingGUIFromParameterNode = True
-        try:
-            p = self._parameterNode
-            for selector, node in ((self.ui.inputVolumeSelector, p.inputVolume),
-                                   (self.ui.segmentationSelector, p.segmentation), (self.ui.tableSelector, p.table),
-                                   (self.ui.annotationImageSelector, p.annotationImage),
-                                   (self.ui.annotationSegmentationSelector, p.annotationSegmentation)):
-                selector.setCurrentNode(node)
-            self.ui.deviceComboBox.setCurrentIndex(max(0, self.ui.deviceComboBox.findData(p.device)))
-            self.ui.segmentationModelPathLineEdit.currentPath = p.segmentationModelPath
-            self.ui.regressionModelPathLineEdit.currentPath = p.regressionModelPath
-            self.ui.calibrationPathLineEdit.currentPath = p.calibrationPath
-            self.ui.datasetFolderButton.directory = p.datasetFolder
-            self.ui.caseIdLineEdit.text = p.caseId
-            self.ui.overwriteCaseCheckBox.checked = p.overwriteCase
-            for spinBox, name in zip(self._qctSpinBoxes(), LEVEL_NAMES, strict=True):
-                spinBox.value = getattr(p, f"qct{name}")
-            self.observeSegmentation(p.segmentation)
-
-            idle = not self._busy
-            if idle:
-                self.ui.statusLabel.text = self.logic.volumeSummary(p.inputVolume)
-            self.ui.computeButton.enabled = idle and p.inputVolume is not None
-            self.ui.editSegmentsButton.enabled = idle and p.segmentation is not None
-            self.ui.recomputeButton.enabled = idle and p.segmentation is not None
-            self.ui.createAnnotationButton.enabled = idle and p.inputVolume is not None
-            self.ui.editAnnotationButton.enabled = idle and p.annotationSegmentation is not None
-            self.ui.exportTrainingPairButton.enabled = (idle and p.annotationImage is not None
-                                                        and p.annotationSegmentation is not None
-                                                        and bool(p.datasetFolder) and bool(p.caseId))
-            self.showResults(p.table)
-        finally:
-            self._updatingGUIFromParameterNode = False
-
-    def updateParameterNodeFromGUI(self, *args) -> None:
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
-            return
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Buttons, the status line and the watched result nodes follow the parameter node (the connectors keep the
+        widgets themselves in sync)."""
         p = self._parameterNode
-        wasModified = p.parameterNode.StartModify()
-        try:
-            p.inputVolume = self.ui.inputVolumeSelector.currentNode()
-            p.segmentation = self.ui.segmentationSelector.currentNode()
-            p.table = self.ui.tableSelector.currentNode()
-            p.annotationImage = self.ui.annotationImageSelector.currentNode()
-            p.annotationSegmentation = self.ui.annotationSegmentationSelector.currentNode()
-            p.device = self.ui.deviceComboBox.currentData or "auto"
-            p.segmentationModelPath = self.ui.segmentationModelPathLineEdit.currentPath
-            p.regressionModelPath = self.ui.regressionModelPathLineEdit.currentPath
-            p.calibrationPath = self.ui.calibrationPathLineEdit.currentPath
-            p.datasetFolder = self.ui.datasetFolderButton.directory
-            p.caseId = self.ui.caseIdLineEdit.text
-            p.overwriteCase = self.ui.overwriteCaseCheckBox.checked
-            for spinBox, name in zip(self._qctSpinBoxes(), LEVEL_NAMES, strict=True):
-                setattr(p, f"qct{name}", spinBox.value)
-        finally:
-            p.parameterNode.EndModify(wasModified)
+        self._watcher.watch(p.table if p else None, p.segmentation if p else None)
+        volume = p.inputVolume if p else None
+        if not self._busy and volume is not self._summarisedVolume:
+            self.ui.statusLabel.text = self.logic.volumeSummary(volume)
+            self._summarisedVolume = volume
+        self.updateButtons()
+
+    def updateButtons(self) -> None:
+        for name, enabled in LumbarBMDLogic.buttonStates(self._parameterNode, self._busy).items():
+            getattr(self.ui, name).enabled = enabled
 
     def updateDeviceInfo(self) -> None:
-        """Show what torch sees (only once torch is installed: it is never installed or imported at import time)."""
-        if importlib.util.find_spec("torch") is None:
-            self.ui.deviceInfoLabel.text = "PyTorch is not installed yet: it is installed on first use."
+        """Show what torch sees, once torch is loaded (entering the module never imports torch or starts CUDA)."""
+        choices = dependencies.torch_devices_if_loaded()
+        if choices is None:
+            installed = importlib.util.find_spec("torch") is not None
+            text = dependencies.TORCH_NOT_LOADED if installed else dependencies.TORCH_NOT_INSTALLED
+            self.ui.deviceInfoLabel.text = text
             return
-        choices = dependencies.torch_devices()
         for choice in choices:
-            index = self.ui.deviceComboBox.findData(choice.device)
-            self.ui.deviceComboBox.setItemText(index, choice.label)
+            self.ui.deviceComboBox.setItemText(dependencies.DEVICES.index(choice.device), choice.label)
         self.ui.deviceInfoLabel.text = next(c.label for c in choices if c.device == "cuda")
 
     # --- results display ----------------------------------------------------------------------------------
@@ -437,70 +655,21 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.resultMessageLabel.text = summary["message"]
 
-    def observeSegmentation(self, segmentationNode) -> None:
+    def onSegmentsEdited(self, edited: bool) -> None:
         """Flag the result as out of date when its segments are edited (until 'Recompute BMD')."""
-        if segmentationNode is self._observedSegmentation:
-            return
-        if self._observedSegmentation is not None:
-            self.removeObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified,
-                                self.onSegmentEdited)
-        self._observedSegmentation = segmentationNode
-        self._segmentsEdited = False
-        if segmentationNode is not None:
-            self.addObserver(segmentationNode, slicer.vtkSegmentation.SegmentModified, self.onSegmentEdited)
-
-    def onSegmentEdited(self, caller, event) -> None:
-        if not self._busy and not self._segmentsEdited:
+        if not edited:
+            self._segmentsEdited = False
+        elif not self._busy and not self._segmentsEdited:
             self._segmentsEdited = True
-            self.showResults(self._parameterNode.table if self._parameterNode else None)
+            self.showResults(self._watcher.table)
 
     # --- running work ----------------------------------------------------------------------------------------
 
     def ensureDependencies(self) -> bool:
         """Install what LumbarBMD needs into Slicer's Python on first use, after the user confirms."""
-        missing = dependencies.missing_requirements()
-        if not missing:
-            return True
-        bundled = [r for r in missing if r.name in dependencies.BUNDLED_WITH_SLICER]
-        if bundled:
-            raise LumbarBMDError(f"this Slicer's {', '.join(map(str, bundled))} is too old for Lumbar BMD (it comes "
-                                 "with Slicer and is not replaced): use Slicer 5.4 or later")
-        names = ", ".join(str(r) for r in missing)
-        if not slicer.util.confirmOkCancelDisplay(
-            f"Lumbar BMD needs these Python packages, which are not installed in Slicer yet:\n\n{names}\n\n"
-            "Install them now? This needs a network connection and can take several minutes (PyTorch is large).",
-            "Lumbar BMD: install dependencies",
-        ):
-            return False
-        progress = slicer.util.createProgressDialog(labelText="Installing Python packages...", maximum=0)
-        try:
-            slicer.app.processEvents()
-            torch = [r for r in missing if r.name == "torch"]
-            if torch:
-                try:
-                    import PyTorchUtils  # the SlicerPyTorch extension picks the CUDA build matching the driver
-                except ImportError:
-                    PyTorchUtils = None
-                if PyTorchUtils is not None:
-                    progress.labelText = "Installing PyTorch (PyTorch extension)..."
-                    slicer.app.processEvents()
-                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                        askConfirmation=False, torchVersionRequirement=str(torch[0].specifier)
-                    ) is None:
-                        raise LumbarBMDError("PyTorch could not be installed: install it in the 'PyTorch Utils' module")
-                    missing = [r for r in missing if r.name != "torch"]
-            if missing:
-                progress.labelText = f"Installing {', '.join(r.name for r in missing)}..."
-                slicer.app.processEvents()
-                slicer.util.pip_install([str(r) for r in missing])
-        finally:
-            progress.close()
-        still = dependencies.missing_requirements()
-        if still:
-            raise LumbarBMDError(f"still missing after installation: {', '.join(map(str, still))}; restart Slicer "
-                                 "and try again, or install them from the Python console with slicer.util.pip_install")
+        ready = installDependencies(ask=True)
         self.updateDeviceInfo()
-        return True
+        return ready
 
     def _setBusy(self, busy: bool, message: str = "") -> None:
         self._busy = busy
@@ -515,7 +684,7 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.setOverrideCursor(qt.Qt.BusyCursor)
         else:
             slicer.app.restoreOverrideCursor()
-        self.updateGUIFromParameterNode()
+        self.updateButtons()
 
     def runInBackground(self, work, message: str):
         """Run ``work(progress)`` in a worker thread; keep the GUI responsive and show progress; return its value.
@@ -571,7 +740,13 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except ComputationCancelled:
                 self.ui.statusLabel.text = "Cancelled: the scene was not changed."
                 return
-            nodes = self.logic.showResult(ctNode, measurement)
+            finally:
+                self.updateDeviceInfo()  # torch is loaded now
+            try:
+                nodes = self.logic.showResult(ctNode, measurement)  # refuses a CT no longer in the scene
+            except ResultDiscarded as why:
+                self.ui.statusLabel.text = f"{str(why)[:1].upper()}{str(why)[1:]}."
+                return
             self._segmentsEdited = False
             self.showResults(nodes.table)
             self.ui.statusLabel.text = f"Done in {measurement.results['timings_s'].get('total', 0):.1f} s."
@@ -603,6 +778,11 @@ class LumbarBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._segmentsEdited = False
             self.showResults(nodes.table)
             self.ui.statusLabel.text = "Recomputed from the edited segments."
+
+    def onExportResultsButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Lumbar BMD could not export the results.", waitCursor=True):
+            folder = self.logic.exportResults()
+            self.ui.statusLabel.text = f"Results written to {folder}"
 
     def onCreateAnnotationButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Lumbar BMD could not create the annotation image.", waitCursor=True):
@@ -660,6 +840,43 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._annotations: dict = {}  # CT node ID -> (geometry key, LumbarBMDLib Annotation)
+        self._caseResults: dict = {}  # table node ID -> (its results.json text, the CaseResult it came from)
+        # A closed scene takes its nodes along: drop what was cached for them (IDs are reused in a new scene).
+        this = weakref.ref(self)
+        self._scene = slicer.mrmlScene
+        self._closeObserver = self._scene.AddObserver(
+            slicer.vtkMRMLScene.EndCloseEvent, lambda caller, event: this() and this().forgetCachedResults())
+
+    def forgetCachedResults(self) -> None:
+        """Forget the canal/sagittal images and the results kept for export (after the scene was closed)."""
+        self._annotations.clear()
+        self._caseResults.clear()
+
+    @staticmethod
+    def isInScene(node) -> bool:
+        """Whether ``node`` is (still) a node of ``slicer.mrmlScene``: not removed, and its scene not closed."""
+        return node is not None and node.GetScene() is not None and bool(slicer.mrmlScene.IsNodePresent(node))
+
+    @staticmethod
+    def buttonStates(params, busy: bool = False) -> dict:
+        """``{button name in the .ui: enabled}`` for the parameter node ``params`` (None: no parameter node).
+
+        The export buttons are enabled as soon as there is something to export; the folder is checked when they are
+        pressed, so that a missing folder gets a sentence, not a grey button.
+        """
+        idle = not busy and params is not None
+        table = params.table if params is not None else None
+        result = table is not None and bool(table.GetAttribute(LumbarBMDLogic.RESULTS_ATTRIBUTE))
+        return {
+            "computeButton": idle and params.inputVolume is not None,
+            "editSegmentsButton": idle and params.segmentation is not None,
+            "recomputeButton": idle and params.segmentation is not None,
+            "exportResultsButton": idle and result,
+            "createAnnotationButton": idle and params.inputVolume is not None,
+            "editAnnotationButton": idle and params.annotationSegmentation is not None,
+            "exportTrainingPairButton": idle and params.annotationImage is not None
+            and params.annotationSegmentation is not None and bool(params.caseId),
+        }
 
     def getParameterNode(self) -> LumbarBMDParameterNode:
         return LumbarBMDParameterNode(super().getParameterNode())
@@ -812,8 +1029,8 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         """
         labels = np.asarray(labels, dtype=np.uint8).reshape(1, geometry.size, geometry.size)
         labelNode = self._sagittalNode(labels, geometry, "LumbarBMD labels", "vtkMRMLLabelMapVolumeNode")
+        wasModified = segmentationNode.StartModify()
         try:
-            wasModified = segmentationNode.StartModify()
             segmentationNode.CreateDefaultDisplayNodes()
             segmentation = segmentationNode.GetSegmentation()
             segmentation.RemoveAllSegments()
@@ -832,8 +1049,8 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
             display = segmentationNode.GetDisplayNode()
             display.SetVisibility(True)
             display.SetOpacity2DFill(0.45)
+        finally:  # a failed import must not leave the segmentation deaf to Modified events
             segmentationNode.EndModify(wasModified)
-        finally:
             slicer.mrmlScene.RemoveNode(labelNode)
 
     def labelGeometry(self, segmentationNode) -> SagittalGeometry | None:
@@ -962,9 +1179,14 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
     def showResult(self, ctNode, measurement: Measurement) -> ResultNodes:
         """Create or update this CT's L1–L4 segmentation and BMD table, and set the sagittal view. Main thread.
 
-        On an error, the nodes created here are removed again.
+        On an error, the nodes created here are removed again. A CT that left the scene while it was measured (removed,
+        or the scene closed) raises :class:`ResultDiscarded` and nothing is created.
         """
         result, results = measurement.result, measurement.results
+        if not self.isInScene(ctNode):
+            name = ctNode.GetName() if ctNode is not None else ""
+            raise ResultDiscarded(f"the CT '{name}' was removed from the scene (or the scene was closed) while it was "
+                                  "measured: the result was discarded")
         created = []
         try:
             segmentationNode, new = self._nodeForOrNew("vtkMRMLSegmentationNode", ctNode, "result", "L1-L4")
@@ -978,6 +1200,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene.RemoveNode(node)
             raise
         self._annotations[ctNode.GetID()] = (self._geometryKey(ctNode), result.annotation)
+        self._keepCaseResult(tableNode, result)
         params = self.getParameterNode()
         params.inputVolume = ctNode
         params.segmentation = segmentationNode
@@ -1039,6 +1262,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
             raise LumbarBMDError(results["error"])
         tableNode, _ = self._tableFor(segmentationNode, ctNode)
         self.fillResultsTable(tableNode, results)
+        self._keepCaseResult(tableNode, result)
         params.segmentation = segmentationNode
         params.table = tableNode
         return ResultNodes(segmentationNode, tableNode, results)
@@ -1085,30 +1309,32 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
                 "Note": v.get("reason", "") if not v["found"] else "",
             })
         wasModified = tableNode.StartModify()
-        table = tableNode.GetTable()
-        while table.GetNumberOfColumns():
-            table.RemoveColumn(0)
-        for name, kind, unit, description in self.TABLE_COLUMNS:
-            array = vtk.vtkStringArray() if kind is str else vtk.vtkDoubleArray()
-            array.SetName(name)
-            for row in rows:
-                array.InsertNextValue(row[name])
-            table.AddColumn(array)
-            tableNode.SetColumnUnitLabel(name, unit)
-            tableNode.SetColumnDescription(name, description)
-            tableNode.SetColumnTitle(name, f"{name} ({unit})" if unit else name)
-        tableNode.SetUseColumnTitleAsColumnHeader(True)
-        mean = results["mean_bmd_mg_cm3"]
-        tableNode.SetAttribute("LumbarBMD.Status", results["status"])
-        tableNode.SetAttribute("LumbarBMD.MeanBMD", "" if mean is None else f"{mean:.1f}")
-        tableNode.SetAttribute("LumbarBMD.Category", results["category"] or "")
-        tableNode.SetAttribute("LumbarBMD.Message", self.resultMessage(results))
-        tableNode.SetAttribute(self.RESULTS_ATTRIBUTE, json.dumps(results))
-        if tableNode.GetStorageNode() is None:
-            tableNode.AddDefaultStorageNode()
-        tableNode.GetStorageNode().SetDefaultWriteFileExtension("csv")  # a '#' in a TSV cell truncates the row
-        table.Modified()
-        tableNode.EndModify(wasModified)
+        try:
+            table = tableNode.GetTable()
+            while table.GetNumberOfColumns():
+                table.RemoveColumn(0)
+            for name, kind, unit, description in self.TABLE_COLUMNS:
+                array = vtk.vtkStringArray() if kind is str else vtk.vtkDoubleArray()
+                array.SetName(name)
+                for row in rows:
+                    array.InsertNextValue(row[name])
+                table.AddColumn(array)
+                tableNode.SetColumnUnitLabel(name, unit)
+                tableNode.SetColumnDescription(name, description)
+                tableNode.SetColumnTitle(name, f"{name} ({unit})" if unit else name)
+            tableNode.SetUseColumnTitleAsColumnHeader(True)
+            mean = results["mean_bmd_mg_cm3"]
+            tableNode.SetAttribute("LumbarBMD.Status", results["status"])
+            tableNode.SetAttribute("LumbarBMD.MeanBMD", "" if mean is None else f"{mean:.1f}")
+            tableNode.SetAttribute("LumbarBMD.Category", results["category"] or "")
+            tableNode.SetAttribute("LumbarBMD.Message", self.resultMessage(results))
+            tableNode.SetAttribute(self.RESULTS_ATTRIBUTE, json.dumps(results))
+            if tableNode.GetStorageNode() is None:
+                tableNode.AddDefaultStorageNode()
+            tableNode.GetStorageNode().SetDefaultWriteFileExtension("csv")  # a '#' in a TSV cell truncates the row
+            table.Modified()
+        finally:
+            tableNode.EndModify(wasModified)
 
     @classmethod
     def tableRows(cls, tableNode) -> list[dict]:
@@ -1258,8 +1484,7 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
         overwrite = params.overwriteCase if overwrite is None else overwrite
         imageNode = imageNode or params.annotationImage
         segmentationNode = segmentationNode or params.annotationSegmentation
-        if not datasetFolder:
-            raise LumbarBMDError("choose the dataset folder to export the training pair into")
+        datasetFolder = self.chosenFolder(datasetFolder, "dataset folder", "Annotation > Dataset folder")
         if imageNode is None or segmentationNode is None:
             raise LumbarBMDError("no annotation image: press 'Create annotation image' and draw L1–L4 first")
         image = self.volumeNodeToCTVolume(imageNode).to_sitk(np.float32)
@@ -1278,6 +1503,74 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
                  "tool": "3D Slicer module LumbarBMD"}
         return write_training_pair(datasetFolder, caseId, image, labels, source, referenceBMD, ct, overwrite, extra)
 
+    # --- exporting the result (the files `lumbarbmd run` writes) -----------------------------------------------
+
+    @staticmethod
+    def chosenFolder(value, what: str, where: str) -> Path:
+        """The folder the user chose for an export, as an absolute path; a LumbarBMDError when none was chosen ("")
+        or it is relative (it would land in Slicer's working directory, which nobody chose)."""
+        text = str(value or "").strip()
+        if not text:
+            raise LumbarBMDError(f"choose the {what} first ({where}): nothing was written")
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            raise LumbarBMDError(f"the {what} '{text}' is not a full path (it would be inside Slicer's working "
+                                 f"directory): choose the folder with the folder button ({where}); nothing was written")
+        return path
+
+    def _keepCaseResult(self, tableNode, result) -> None:
+        """Remember the library's CaseResult behind the table's current results.json (the report needs its images)."""
+        self._caseResults[tableNode.GetID()] = (tableNode.GetAttribute(self.RESULTS_ATTRIBUTE), result)
+
+    def exportResults(self, folder=None, tableNode=None) -> Path:
+        """Write the current result of ``tableNode`` (default: the parameter node's table) into ``folder/<case>/``:
+        ``results.json``, ``results.csv``, ``report.html``, ``sagittal.nii.gz`` and ``sagittal_labels.nii.gz``, the
+        files ``lumbarbmd run`` writes, written by the same library function (``batch.write_case_outputs``: complete
+        or not at all), then ``folder/summary.csv`` (``batch.write_summary``). After an edit, the result is the
+        recomputed one. Returns the case folder.
+
+        ``<case>`` is the CT node's name made folder-safe. A folder of that name that is not a Lumbar BMD result, or
+        holds the result of another CT, is never replaced (LumbarBMDError; nothing is written).
+        """
+        params = self.getParameterNode()
+        folder = self.chosenFolder(folder if folder is not None else params.resultsFolder, "results folder",
+                                   "Results > Results folder")
+        tableNode = tableNode or params.table
+        text = tableNode.GetAttribute(self.RESULTS_ATTRIBUTE) if tableNode is not None else None
+        if not text:
+            raise LumbarBMDError("no result to export: press 'Compute BMD' first")
+        cached = self._caseResults.get(tableNode.GetID())
+        if cached is None or cached[0] != text:
+            raise LumbarBMDError("the images behind this result are no longer in memory (the scene was reloaded, or "
+                                 "the result was computed in another session): press 'Recompute BMD', then export")
+        from LumbarBMDLib.batch import read_previous, write_case_outputs, write_summary
+        from LumbarBMDLib.durable import case_lock, check_writable_folder
+
+        results = json.loads(text)
+        ctNode = tableNode.GetNodeReference(self.SOURCE_VOLUME_ROLE)
+        caseId = results.get("case_id") or (self.suggestedCaseId(ctNode) if ctNode is not None else "case")
+        results["case_id"] = caseId
+        out = check_writable_folder(folder, "results folder")
+        target = out / caseId
+        with case_lock(out, caseId):
+            if target.is_symlink() or (target.exists() and not target.is_dir()):
+                raise LumbarBMDError(f"{target} exists and is not a folder: choose another results folder; nothing "
+                                     "was written")
+            if target.exists():
+                previous, why = read_previous(target)
+                if previous is None:
+                    raise LumbarBMDError(f"{target} exists and is not a Lumbar BMD result ({why}): choose another "
+                                         "results folder; nothing was written")
+                if previous.get("input") != results.get("input"):
+                    raise LumbarBMDError(f"{target} holds the result of another CT ({previous.get('input')}): choose "
+                                         "another results folder or rename the CT; nothing was written")
+            try:
+                write_case_outputs(target, results, cached[1])
+            except OSError as err:
+                raise LumbarBMDError(f"could not write {target}: {err.strerror or err}; nothing was written") from None
+        write_summary(out)
+        return target
+
 
 #
 # LumbarBMDTest
@@ -1294,7 +1587,14 @@ def _obliqueDirection(degrees: float) -> np.ndarray:
 
 
 class LumbarBMDTest(ScriptedLoadableModuleTest):
-    """Slicer self-test of the module (also runnable headless on a slicer-core scene)."""
+    """Slicer self-test of the module (also runnable headless on a slicer-core scene).
+
+    It needs the packages the module installs on first use (torch, MONAI, ...). In an interactive Slicer it offers to
+    install them; in testing mode (``--testing``: ctest, the extension build machines) and without the application it
+    never installs anything and is skipped, with a message naming what is missing.
+    """
+
+    requirements = dependencies.RUNTIME_REQUIREMENTS
 
     def setUp(self) -> None:
         """Reset the state: a clear scene."""
@@ -1302,11 +1602,31 @@ class LumbarBMDTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         """Run as few or as many tests as needed here."""
+        self.ensureDependenciesOrSkip()
         self.setUp()
         self.test_volume_roundtrip()
         self.setUp()
         self.test_whole_flow_on_a_phantom()
+        self.setUp()
+        self.test_closing_the_scene_discards_the_running_result()
         slicer.mrmlScene.Clear()
+
+    def ensureDependenciesOrSkip(self) -> None:
+        """Return when the dependencies are there (installing them after asking, in an interactive Slicer); otherwise
+        skip the test (``unittest.SkipTest``) with a message that says what is missing and what to do."""
+        plan = dependencies.install_plan(self.requirements)
+        if plan.nothing_to_do:
+            return
+        app = getattr(slicer, "app", None)
+        interactive = app is not None and not app.testingEnabled()
+        if interactive and plan.problem is None and installDependencies(ask=True, requirements=self.requirements):
+            return
+        reason = plan.problem or ("these Python packages are not installed: "
+                                  + ", ".join(str(r) for r in plan.to_install))
+        message = (f"LumbarBMD self-test skipped: {reason}. Open Lumbar BMD and press 'Compute BMD' once to install "
+                   "them (the module asks first), then run the test again.")
+        logging.warning(message)
+        self.skipTest(message)
 
     def test_volume_roundtrip(self) -> None:
         """CTVolume -> volume node -> CTVolume keeps voxels and the LPS geometry of an oblique CT."""
@@ -1343,9 +1663,8 @@ class LumbarBMDTest(ScriptedLoadableModuleTest):
         logging.info("LumbarBMD self-test passed")
 
     def test_whole_flow_on_a_phantom(self) -> None:
-        """Compute on a phantom CT, erase L2 and recompute, create the annotation image, draw and export a pair."""
-        import tempfile
-
+        """Compute on a phantom CT, erase L2, recompute and export the results, create the annotation image, draw and
+        export a pair."""
         import SimpleITK as sitk
 
         from LumbarBMDLib.phantom import generate_case
@@ -1370,6 +1689,17 @@ class LumbarBMDTest(ScriptedLoadableModuleTest):
         self.assertEqual(edited.results["status"], "partial")
         self.assertEqual(logic.tableRows(edited.table)[1]["bmd"], "—")
 
+        # the edited result is exported as `lumbarbmd run` writes a case
+        with tempfile.TemporaryDirectory() as out:
+            folder = logic.exportResults(out)
+            with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+                exported = json.load(f)
+            self.assertEqual(exported["status"], "partial")
+            self.assertEqual([v["found"] for v in exported["vertebrae"]], [True, False, True, True])
+            for name in ("results.csv", "report.html", "sagittal.nii.gz", "sagittal_labels.nii.gz"):
+                self.assertTrue(os.path.isfile(os.path.join(folder, name)), name)
+            self.assertTrue(os.path.isfile(os.path.join(out, "summary.csv")))
+
         # the annotator draws the phantom's vertebral bodies on the annotation image and exports the pair
         imageNode, annotationNode = logic.createAnnotationImage(ctNode)
         geometry = logic.labelGeometry(annotationNode)
@@ -1385,3 +1715,23 @@ class LumbarBMDTest(ScriptedLoadableModuleTest):
             np.testing.assert_array_equal(labels[0], drawn)
             self.assertTrue(os.path.isfile(os.path.join(dataset, "bmd_reference.csv")))
         logging.info("LumbarBMD self-test passed: whole flow")
+
+    def test_closing_the_scene_discards_the_running_result(self) -> None:
+        """The scene is closed while a CT is measured (the widget keeps processing events): the result is not applied
+        to the removed CT, and nothing is added to the new scene."""
+        from LumbarBMDLib.phantom import generate_case
+
+        logging.info("LumbarBMD self-test: scene closed during a computation")
+        case = generate_case(99_303, "A", "small")
+        logic = LumbarBMDLogic()
+        logic.getParameterNode().device = "cpu"
+        ctNode = logic.ctVolumeToVolumeNode(case.ct, "LumbarBMD phantom CT")
+        volume = logic.ctVolumeForMeasurement(ctNode)
+        measurement = logic.measureVolume(volume, logic.computeSettings())  # what the worker thread computes
+        slicer.mrmlScene.Clear()  # the user closes the scene meanwhile
+        with self.assertRaises(ResultDiscarded):
+            logic.showResult(ctNode, measurement)
+        for className in ("vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
+            self.assertEqual(slicer.mrmlScene.GetNodesByClass(className).GetNumberOfItems(), 0, className)
+        self.assertIsNone(logic.getParameterNode().segmentation)
+        logging.info("LumbarBMD self-test passed: scene closed during a computation")

@@ -421,12 +421,18 @@ def test_export_training_pair_reimports_to_the_same_arrays(logic, ct_node, case,
     assert [r["level"] for r in rows] == ["L1", "L2", "L3"] and {r["case"] for r in rows} == {"case01"}
 
 
-def test_export_refuses_bad_input_and_writes_nothing(logic, ct_node, case, tmp_path):
+def test_export_refuses_bad_input_and_writes_nothing(logic, ct_node, case, tmp_path, monkeypatch):
     image_node, seg_node = logic.createAnnotationImage(ct_node)
     dataset = tmp_path / "dataset"
     params = logic.getParameterNode()
-    with pytest.raises(LumbarBMDError, match="dataset folder"):
-        logic.exportTrainingPair()
+    with pytest.raises(LumbarBMDError, match="choose the dataset folder first"):
+        logic.exportTrainingPair(caseId="c0")
+    monkeypatch.chdir(tmp_path)  # "." (what ctkDirectoryButton returned when nothing was chosen) is refused
+    for relative in (".", "dataset"):
+        params.datasetFolder = relative
+        with pytest.raises(LumbarBMDError, match="not a full path"):
+            logic.exportTrainingPair(caseId="c0")
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
     params.datasetFolder = str(dataset)
     with pytest.raises(LumbarBMDError, match="no vertebra is drawn"):
         logic.exportTrainingPair(caseId="empty")
@@ -509,3 +515,260 @@ def test_save_and_reload_the_scene_keeps_results_and_recompute_works(lumbarbmd_m
     # the reloaded segments measure to the same table
     again = reloaded.recompute()
     assert reloaded.tableRows(again.table) == rows
+
+
+# --------------------------------------------------------------------------------------
+# robustness: a failed import, a scene closed during a computation
+# --------------------------------------------------------------------------------------
+def test_a_failed_import_leaves_the_segmentation_responsive_to_modified_events(logic, mrml):
+    """setLevelSegments fails half-way inside StartModify (here: no geometry reference node): EndModify still runs, so
+    the segmentation keeps notifying its observers (the views, the Segment Editor), and it can be filled again."""
+    from LumbarBMDLib.sagittal import SagittalGeometry
+
+    geometry = SagittalGeometry(origin_lps=(0.0, 0.0, 0.0), n_slices=1, sagittal_x_lps=0.0, size=16)
+    reference = slicer.util.addVolumeFromArray(np.zeros((1, 16, 16), np.int16), name="reference")
+    seg = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "existing")
+    labels = np.zeros((16, 16), np.uint8)
+    labels[3:6, 3:6] = 2
+    logic.setLevelSegments(seg, labels, geometry, reference)
+    events = []
+    seg.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: events.append(event))
+    with pytest.raises(AttributeError):
+        logic.setLevelSegments(seg, labels, geometry, None)
+    events.clear()
+    seg.Modified()
+    seg.SetName("renamed")
+    assert events == ["ModifiedEvent", "ModifiedEvent"]
+    assert mrml.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0  # the temporary is gone
+    logic.setLevelSegments(seg, labels, geometry, reference)
+    assert logic.levelSegmentIds(seg).keys() == set(LEVELS)
+    assert logic.labelsFromSegmentation(seg, geometry)[4, 4] == 2
+
+
+def test_a_result_is_not_applied_to_a_ct_removed_or_a_scene_closed_during_the_computation(lumbarbmd_module, logic,
+                                                                                           ct_node, mrml, case):
+    """The widget keeps processing events while the worker thread measures, so the user can close the scene (or
+    delete the CT) meanwhile: the result is discarded and nothing is added to the scene."""
+    volume = logic.ctVolumeForMeasurement(ct_node)
+    measurement = logic.measureVolume(volume, logic.computeSettings())  # what the worker thread does
+    mrml.scene.Clear(0)  # File > Close Scene
+    with pytest.raises(lumbarbmd_module.ResultDiscarded, match=r"removed from the scene \(or the scene was closed\)"):
+        logic.showResult(ct_node, measurement)
+    for class_name in ("vtkMRMLSegmentationNode", "vtkMRMLTableNode", "vtkMRMLLabelMapVolumeNode"):
+        assert mrml.scene.GetNodesByClass(class_name).GetNumberOfItems() == 0, class_name
+    params = logic.getParameterNode()
+    assert params.segmentation is None and params.table is None and params.inputVolume is None
+
+    other = logic.ctVolumeToVolumeNode(case.ct, "Second CT")
+    mrml.scene.RemoveNode(other)  # deleted in the Data module meanwhile
+    with pytest.raises(lumbarbmd_module.ResultDiscarded, match="'Second CT' was removed"):
+        logic.showResult(other, measurement)
+    assert mrml.scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+    # a CT still in the scene gets the result; closing the scene forgets what was kept for it
+    kept = logic.ctVolumeToVolumeNode(case.ct, "Third CT")
+    nodes = logic.showResult(kept, measurement)
+    assert nodes.results["status"] == "ok" and logic._caseResults and logic._annotations
+    mrml.scene.Clear(0)
+    assert not logic._caseResults and not logic._annotations
+
+
+# --------------------------------------------------------------------------------------
+# export of the results from Slicer: the files `lumbarbmd run` writes
+# --------------------------------------------------------------------------------------
+class _HTMLChecker:
+    """Parses a page with the standard library's HTML parser: tags must nest and close (void elements aside)."""
+
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track",
+                      "wbr"})
+
+    def __init__(self, text: str) -> None:
+        from html.parser import HTMLParser
+
+        self.stack, self.errors, self.text, self.doctype = [], [], [], False
+        checker = self
+
+        class Parser(HTMLParser):
+            def handle_decl(self, decl):
+                checker.doctype = checker.doctype or decl.lower() == "doctype html"
+
+            def handle_starttag(self, tag, attrs):
+                if tag not in checker.VOID:
+                    checker.stack.append(tag)
+
+            def handle_endtag(self, tag):
+                if tag in checker.VOID:
+                    return
+                if not checker.stack or checker.stack[-1] != tag:
+                    checker.errors.append(f"</{tag}> closes <{checker.stack[-1] if checker.stack else None}>")
+                else:
+                    checker.stack.pop()
+
+            def handle_data(self, data):
+                checker.text.append(data)
+
+        parser = Parser()
+        parser.feed(text)
+        parser.close()
+        self.text = " ".join(self.text)
+
+
+def test_export_results_writes_what_lumbarbmd_run_writes_for_the_current_edited_result(logic, ct_node, mrml,
+                                                                                       tmp_path):
+    from LumbarBMDLib.batch import LEVEL_COLUMNS, SUMMARY_COLUMNS
+
+    nodes = logic.compute(ct_node)
+    array = slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, "L2", ct_node)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(array), nodes.segmentation, "L2", ct_node)
+    edited = logic.recompute()
+    params = logic.getParameterNode()
+    params.resultsFolder = str(tmp_path / "out")
+    folder = logic.exportResults()
+    assert folder == tmp_path / "out" / "Phantom_CT"
+    # the per-case files of `lumbarbmd run` (DESIGN.md), in the same layout, plus the folder's summary.csv
+    assert sorted(p.name for p in folder.iterdir()) == ["report.html", "results.csv", "results.json",
+                                                        "sagittal.nii.gz", "sagittal_labels.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
+        "Phantom_CT", "summary.csv"]
+
+    exported = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    current = json.loads(edited.table.GetAttribute("LumbarBMD.Results"))
+    assert exported == {**current, "case_id": "Phantom_CT"}  # the recomputed result, not the first one
+    assert exported["status"] == "partial" and [v["found"] for v in exported["vertebrae"]] == [True, False, True, True]
+    with (folder / "results.csv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == LEVEL_COLUMNS and [r["level"] for r in rows] == list(LEVELS)
+    assert rows[1]["found"] == "False" and rows[1]["bmd_mg_cm3"] == ""
+    table_bmd = table_column(edited.table, "BMD")
+    for i in (0, 2, 3):
+        assert float(rows[i]["bmd_mg_cm3"]) == pytest.approx(number(table_bmd[i]), abs=1e-6)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "sagittal_labels.nii.gz")))[0]
+    np.testing.assert_array_equal(labels, logic.labelsFromSegmentation(edited.segmentation,
+                                                                       logic.labelGeometry(edited.segmentation)))
+    assert not (labels == 2).any()
+
+    report = (folder / "report.html").read_text(encoding="utf-8")
+    page = _HTMLChecker(report)
+    assert page.doctype and not page.errors and page.stack == [], (page.errors, page.stack)
+    for level in LEVELS:
+        assert level in page.text
+    with (tmp_path / "out" / "summary.csv").open(encoding="utf-8", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert list(summary[0]) == SUMMARY_COLUMNS
+    assert [(r["case"], r["status"], r["L2"]) for r in summary] == [("Phantom_CT", "partial", "")]
+
+    # painted back and recomputed: exporting again replaces the case folder with the new result
+    slicer.util.updateSegmentBinaryLabelmapFromArray(array, edited.segmentation, "L2", ct_node)
+    again = logic.recompute()
+    assert logic.exportResults() == folder
+    assert json.loads((folder / "results.json").read_text(encoding="utf-8"))["status"] == again.results["status"] \
+        == "ok"
+
+
+def test_export_results_refuses_without_a_chosen_folder_and_never_replaces_another_folder(
+        lumbarbmd_module, logic, ct_node, mrml, tmp_path, monkeypatch):
+    params = logic.getParameterNode()
+    with pytest.raises(LumbarBMDError, match="no result to export"):
+        logic.exportResults(str(tmp_path))
+    logic.compute(ct_node)
+    with pytest.raises(LumbarBMDError, match="choose the results folder first"):
+        logic.exportResults()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    params.resultsFolder = "."
+    with pytest.raises(LumbarBMDError, match="not a full path"):
+        logic.exportResults()
+    assert list(cwd.iterdir()) == []
+
+    out = tmp_path / "out"
+    (out / "Phantom_CT").mkdir(parents=True)
+    (out / "Phantom_CT" / "notes.txt").write_text("the user's own file", encoding="utf-8")
+    params.resultsFolder = str(out)
+    with pytest.raises(LumbarBMDError, match="is not a Lumbar BMD result"):
+        logic.exportResults()
+    assert [p.name for p in (out / "Phantom_CT").iterdir()] == ["notes.txt"]
+    (out / "Phantom_CT" / "notes.txt").unlink()
+    (out / "Phantom_CT" / "results.json").write_text(json.dumps({"input": "another CT", "status": "ok"}),
+                                                     encoding="utf-8")
+    with pytest.raises(LumbarBMDError, match="holds the result of another CT"):
+        logic.exportResults()
+    assert json.loads((out / "Phantom_CT" / "results.json").read_text(encoding="utf-8"))["input"] == "another CT"
+
+    # a logic that did not compute this result (e.g. after reloading the scene) has no images for the report
+    other = lumbarbmd_module.LumbarBMDLogic()
+    with pytest.raises(LumbarBMDError, match="press 'Recompute BMD', then export"):
+        other.exportResults(str(tmp_path / "elsewhere"))
+    other.recompute()
+    assert (other.exportResults(str(tmp_path / "elsewhere")) / "report.html").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# what the widget shows: refreshed when the table changes, buttons from the parameter node
+# --------------------------------------------------------------------------------------
+def test_the_results_table_is_refreshed_only_when_the_table_changes(lumbarbmd_module, logic, ct_node, mrml):
+    """The widget's ResultNodesWatcher, driven as the widget drives it (on every Modified of the parameter node)."""
+    params = logic.getParameterNode()
+    shown, edited = [], []
+    watcher = lumbarbmd_module.ResultNodesWatcher(shown.append, edited.append)
+    params.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent,
+                                     lambda caller, event: watcher.watch(params.table, params.segmentation))
+    watcher.watch(params.table, params.segmentation)
+    assert shown == [] and edited == []  # nothing watched yet, nothing to show
+
+    nodes = logic.compute(ct_node)
+    assert shown[-1] is nodes.table and nodes.table in shown
+    count = len(shown)
+    for text in ("c", "ca", "cas", "case"):  # typing the case id, choosing folders: the table is not redrawn
+        params.caseId = text
+    params.datasetFolder = "/data/lumbar"
+    params.resultsFolder = "/data/results"
+    params.qctL2 = 101.5
+    assert len(shown) == count
+
+    array = slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, "L2", ct_node)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(array), nodes.segmentation, "L2", ct_node)
+    assert edited[-1] is True  # the result is marked out of date
+    logic.recompute()  # the table node is rewritten: shown again
+    assert len(shown) > count and shown[-1] is nodes.table
+    watcher.watch(None, None)
+    assert shown[-1] is None and edited[-1] is False
+    watcher.removeObservers()
+
+
+def test_buttons_follow_the_parameter_node(lumbarbmd_module, logic, ct_node, mrml):
+    states = lumbarbmd_module.LumbarBMDLogic.buttonStates
+    assert not any(states(None).values())
+    params = logic.getParameterNode()
+    before = states(params)
+    assert before["computeButton"] is False or params.inputVolume is not None
+    params.inputVolume = ct_node
+    assert states(params)["computeButton"] and not states(params)["exportResultsButton"]
+    logic.compute(ct_node)
+    now = states(params)
+    assert now["exportResultsButton"] and now["recomputeButton"] and now["editSegmentsButton"]
+    assert not any(states(params, busy=True).values())
+    logic.createAnnotationImage(ct_node)
+    params.caseId = ""
+    assert not states(params)["exportTrainingPairButton"]
+    params.caseId = "case01"
+    assert states(params)["exportTrainingPairButton"]  # no folder yet: pressing it says to choose one
+
+
+# --------------------------------------------------------------------------------------
+# the self-test without its dependencies (a fresh Slicer, the extension build machines)
+# --------------------------------------------------------------------------------------
+def test_the_self_test_is_skipped_with_a_message_when_dependencies_are_missing(lumbarbmd_module, mrml):
+    import unittest
+
+    test = lumbarbmd_module.LumbarBMDTest()
+    test.requirements = (*lumbarbmd_module.dependencies.RUNTIME_REQUIREMENTS, "no-such-package-lumbarbmd>=1")
+    with pytest.raises(unittest.SkipTest, match="not installed: no-such-package-lumbarbmd>=1"):
+        test.runTest()
+    test.requirements = ("SimpleITK>=99",)  # a bundled package too old: never installed, the Slicer to get is named
+    with pytest.raises(unittest.SkipTest, match=r"never replaced by the module: install 3D Slicer 5\.8 or later"):
+        test.runTest()
+    assert mrml.scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0  # skipped before any work
+    result = unittest.TestResult()
+    test.run(result)  # through unittest, as `slicer_add_python_unittest` runs it: a skip, not a failure
+    assert len(result.skipped) == 1 and not result.failures and not result.errors

@@ -299,13 +299,129 @@ def test_ui_file_is_a_well_formed_qmrmlwidget():
     assert len(names) == len(set(names)), "duplicate widget names"
 
 
-def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
+def ui_names() -> dict[str, str]:
+    """``{widget name: class}`` of every widget in the .ui."""
+    return {w.get("name"): w.get("class") for w in ui_tree().getroot().iter("widget")}
+
+
+def test_every_ui_widget_the_module_uses_exists_in_the_ui_file(lumbarbmd_module):
     source = MODULE_FILE.read_text(encoding="utf-8")
     used = set(re.findall(r"\bself\.ui\.(\w+)", source))
-    assert used >= {"inputVolumeSelector", "computeButton", "statusLabel", "recomputeButton", "resultsTableWidget",
-                    "exportTrainingPairButton", "qctL4SpinBox"}
-    names = {w.get("name") for w in ui_tree().getroot().iter("widget")}
-    assert used <= names, f"used in LumbarBMD.py but missing in LumbarBMD.ui: {sorted(used - names)}"
+    assert used >= {"computeButton", "statusLabel", "resultsTableWidget", "qctL4SpinBox", "exportResultsButton"}
+    buttons = set(lumbarbmd_module.LumbarBMDLogic.buttonStates(None))  # enabled by name: getattr(self.ui, name)
+    assert buttons >= {"computeButton", "exportResultsButton", "exportTrainingPairButton"}
+    names = ui_names()
+    missing = sorted((used | buttons) - set(names))
+    assert not missing, f"used in LumbarBMD.py but missing in LumbarBMD.ui: {missing}"
+    assert {names[b] for b in buttons} == {"QPushButton"}
+
+
+def slicer_parameter_names() -> dict[str, ET.Element]:
+    """``{parameter name: widget element}`` from the ``SlicerParameterName`` dynamic properties of the .ui."""
+    found = {}
+    for w in ui_tree().getroot().iter("widget"):
+        p = w.find("property[@name='SlicerParameterName']")
+        if p is not None:
+            assert p.get("stdset") == "0", f"{w.get('name')}: a dynamic property needs stdset=0"
+            name = p.findtext("string")
+            assert name and name not in found, f"parameter {name!r} named twice or empty"
+            found[name] = w
+    return found
+
+
+def test_every_slicer_parameter_name_names_a_parameter_of_a_type_its_connector_can_represent(lumbarbmd_module):
+    """What ``connectParametersToGui`` would check in Slicer, statically: every ``SlicerParameterName`` is a parameter
+    of the wrapper, every parameter has exactly one widget, and the widget class can represent the parameter's type
+    under the rules of Slicer's connectors (parameterNodeWrapper/guiConnectors.py) or of the module's own."""
+    import typing
+
+    module = lumbarbmd_module
+    hints = typing.get_type_hints(module.LumbarBMDParameterNode, include_extras=True)
+    widgets = slicer_parameter_names()
+    assert set(widgets) == set(hints), (set(widgets) ^ set(hints))
+    for name, element in widgets.items():
+        cls, hint = element.get("class"), hints[name]
+        annotated = typing.get_origin(hint) is typing.Annotated
+        base = typing.get_args(hint)[0] if annotated else hint
+        extras = typing.get_args(hint)[1:] if annotated else ()
+        if cls in module.OWN_CONNECTORS:  # QLineEdit, ctkPathLineEdit: str, written only when it differs
+            assert base is str, f"{name}: {cls} needs a str parameter, not {hint}"
+        elif cls == "qMRMLNodeComboBox":
+            assert isinstance(base, type) and issubclass(base, slicer.vtkMRMLNode), name
+            assert [s.text for s in prop(element, "nodeTypes").iter("string")] == [base.__name__], name
+        elif cls == "QCheckBox":
+            assert base is bool, name
+        elif cls == "QDoubleSpinBox":  # without a range Slicer's connector sets the spin box to -inf..inf
+            assert base is float, name
+            ranges = [a for a in extras if isinstance(a, module.WithinRange)]
+            assert len(ranges) == 1, f"{name}: a WithinRange annotation keeps the .ui's range"
+            assert (ranges[0].minimum, ranges[0].maximum) == (
+                float(prop(element, "minimum").findtext("double")), float(prop(element, "maximum").findtext("double")))
+        elif cls == "QComboBox":  # Slicer's connector fills the items from the Choice annotation
+            choices = [a for a in extras if isinstance(a, module.Choice)]
+            assert base is str and len(choices) == 1, name
+            assert list(choices[0].choices) == list(module.dependencies.DEVICES) == ["auto", "cpu", "cuda"]
+        else:
+            raise AssertionError(f"{name}: no connector for widget class {cls}")
+
+
+def test_no_widget_with_a_parameter_is_also_synchronised_by_hand():
+    """The hand-written two-way sync is gone: a widget connected through its SlicerParameterName must not also be
+    connected by the module's code (it would write the GUI on every change again)."""
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    by_name = {w.get("name") for w in slicer_parameter_names().values()}
+    touched = set(re.findall(r"\bself\.ui\.(\w+)\.(?:connect|text|currentPath|directory|value|checked|setCurrent)",
+                             source))
+    assert not touched & by_name, sorted(touched & by_name)
+    assert "updateParameterNodeFromGUI" not in source and "updateGUIFromParameterNode" not in source
+    assert "connectParametersToGui(guiConnectors(self.ui))" in source
+
+
+class StandInLineEdit:
+    """A plain object with the property the connectors read and write (Qt cannot run here). It counts the writes and,
+    like ``QLineEdit.setText``, moves the cursor to the end on every write, even of the same text."""
+
+    def __init__(self, prop: str, value: str, cursor: int = 0) -> None:
+        self._prop, self._value, self.cursor, self.writes = prop, value, cursor, 0
+
+    def __getattr__(self, name):
+        if name == self.__dict__.get("_prop"):
+            return self._value
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name == self.__dict__.get("_prop"):
+            self.__dict__["_value"], self.__dict__["cursor"] = value, len(value)
+            self.__dict__["writes"] += 1
+        else:
+            super().__setattr__(name, value)
+
+
+@pytest.mark.parametrize("kind,prop", [("LineEditConnector", "text"), ("PathLineEditConnector", "currentPath")])
+def test_own_connectors_write_to_the_widget_only_when_the_value_differs(lumbarbmd_module, kind, prop):
+    """The case id (and path) fields: the parameter node rewrites every connected widget on each change; writing the
+    same text again would put the cursor at the end after every keystroke (Slicer issue #8620)."""
+    connector = getattr(lumbarbmd_module, kind)(StandInLineEdit(prop, "abcd", cursor=2))
+    widget = connector.widget()
+    assert connector.read() == "abcd"
+    connector.write("abcd")  # the echo of the user's own keystroke
+    assert widget.writes == 0 and widget.cursor == 2
+    connector.write("abXcd")  # a new value from the scene (another case id, a reloaded scene)
+    assert widget.writes == 1 and connector.read() == "abXcd"
+    connector.write("")  # an empty path stays empty (Slicer's Path connector would write ".")
+    assert connector.read() == "" and widget.writes == 2
+
+
+def test_line_edits_and_path_line_edits_use_the_module_s_connectors_with_str_parameters(lumbarbmd_module):
+    classes = {w.get("class") for w in slicer_parameter_names().values()}
+    assert {"QLineEdit", "ctkPathLineEdit"} <= classes
+    assert set(lumbarbmd_module.OWN_CONNECTORS) == {"QLineEdit", "ctkPathLineEdit"}
+    assert lumbarbmd_module.OWN_CONNECTORS["ctkPathLineEdit"].valueProperty == "currentPath"
+    for name in ("datasetFolder", "resultsFolder"):  # folders that may be empty: ctkPathLineEdit in directory mode
+        element = slicer_parameter_names()[name]
+        assert element.get("class") == "ctkPathLineEdit"
+        assert prop(element, "filters").findtext("set") == "ctkPathLineEdit::Dirs"
+    assert "ctkDirectoryButton" not in ui_names().values()  # its directory is never empty (".")
 
 
 def widget(name: str) -> ET.Element:
@@ -341,7 +457,8 @@ def test_ui_widgets_are_configured_as_specified():
 
     buttons = {"computeButton": "Compute BMD", "editSegmentsButton": "Edit segments",
                "recomputeButton": "Recompute BMD", "createAnnotationButton": "Create annotation image",
-               "exportTrainingPairButton": "Export training pair", "cancelButton": "Cancel"}
+               "exportTrainingPairButton": "Export training pair", "cancelButton": "Cancel",
+               "exportResultsButton": "Export results"}
     for name, text in buttons.items():
         button = widget(name)
         assert button.get("class") == "QPushButton"
@@ -355,7 +472,6 @@ def test_ui_widgets_are_configured_as_specified():
     assert widget("resultsTableWidget").get("class") == "QTableWidget"
     assert widget("statusLabel").get("class") == "QLabel"
     assert widget("meanBMDLabel").get("class") == "QLabel"
-    assert widget("datasetFolderButton").get("class") == "ctkDirectoryButton"
 
     connections = {
         (c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
