@@ -89,12 +89,14 @@ class LumbarBMD(ScriptedLoadableModule):
         self.parent.title = "Lumbar BMD"
         self.parent.categories = ["Quantification"]
         self.parent.dependencies = []
-        self.parent.contributors = ["LumbarBMD developers"]
+        self.parent.contributors = ["LumbarBMD developers (LumbarBMD project)"]
         self.parent.helpText = f"""
 Opportunistic lumbar bone mineral density (volumetric BMD in mg/cm³, QCT-equivalent) from a routine
 abdominal or spine CT. The module finds the spinal canal, reslices the CT sagittally through it,
 segments L1–L4 with an R2U-Net, regresses the BMD of each vertebral body with a DenseNet-121 and
 classifies the patient as osteoporosis (&lt; 80), osteopenia (80–120) or normal (&gt; 120 mg/cm³).
+<p>Needs 3D Slicer {".".join(map(str, dependencies.SLICER_MINIMUM))} or later. PyTorch, MONAI and a few other Python
+packages are installed on first use, after asking; the packages that come with Slicer are kept as they are.</p>
 <p>See the <a href="{README_URL}">README</a> for installation, usage and the command line tool.</p>
 <p>LumbarBMD version {LumbarBMDLib.__version__}. Not a medical device: for research use.</p>
 """

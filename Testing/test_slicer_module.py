@@ -10,6 +10,7 @@ module metadata.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -95,14 +96,25 @@ def test_module_imports_headless_and_logic_works_without_qt(lumbarbmd_module, mr
 
 
 def test_module_import_pulls_in_neither_qt_nor_torch():
-    """In a fresh interpreter: importing the module loads no Qt, no torch and none of the packages installed on first
-    use (so the module loads in a fresh Slicer and can offer to install them); models load on demand."""
+    """In a fresh interpreter: importing the module and creating its module, logic and parameter node loads no Qt, no
+    torch and none of the packages installed on first use (so the module loads in a fresh Slicer and can offer to
+    install them, and a torch upgrade takes effect without a restart); models load on demand."""
     code = f"""
 import sys
 sys.path[:0] = [{str(REPO_ROOT / "Testing")!r}, {str(MODULE_DIR)!r}]
 import slicer_fixtures
 sys.modules["slicer.ScriptedLoadableModule"] = slicer_fixtures.make_scripted_loadable_module_stub()
-import LumbarBMD
+import LumbarBMD, slicer
+# what creating and entering the module does without Qt: module metadata, logic, parameter node, buttons, watcher
+slicer.mrmlScene = slicer.vtkMRMLScene()
+parent = type("Parent", (), {{}})()
+parent.path = LumbarBMD.__file__
+LumbarBMD.LumbarBMD(parent)
+logic = LumbarBMD.LumbarBMDLogic()
+params = logic.getParameterNode()
+LumbarBMD.LumbarBMDLogic.buttonStates(params)
+LumbarBMD.ResultNodesWatcher(print, print).watch(params.table, params.segmentation)
+assert LumbarBMD.dependencies.torch_devices_if_loaded() is None  # the device list does not load torch either
 print(sorted(m for m in ("torch", "monai", "qt", "ctk", "PythonQt", "scipy", "skimage", "sklearn", "matplotlib",
                         "safetensors", "tqdm") if m in sys.modules))
 """
@@ -522,6 +534,43 @@ def test_extension_metadata_is_complete_and_points_at_files_in_the_repository():
     for url in (fields["EXTENSION_ICONURL"], *fields["EXTENSION_SCREENSHOTURLS"].split()):
         assert url.startswith(prefix) and (REPO_ROOT / url.removeprefix(prefix)).is_file(), url
     assert "add_subdirectory(LumbarBMD)" in text
+    # contributors in Slicer's "Name (Organization)" form, no template placeholder
+    contributors = fields["EXTENSION_CONTRIBUTORS"]
+    assert "John Doe" not in contributors and "AnyWare" not in contributors
+    assert all(re.fullmatch(r"[^(),]+ \([^()]+\)", c.strip()) for c in re.split(r",\s*(?![^()]*\))", contributors))
+    # the screenshot is labelled for what it is (no Slicer on the development machines)
+    screenshot_block = text[:text.index("set(EXTENSION_SCREENSHOTURLS")].rsplit("\n\n", 1)[-1]
+    assert "NOT a screenshot of Slicer" in screenshot_block
+    assert fields["EXTENSION_SCREENSHOTURLS"].endswith("docs/images/report_chromium.png")
+    # the extensions index entry builds what the extension depends on first
+    entry = json.loads((REPO_ROOT / "docs" / "ExtensionsIndex" / "LumbarBMD.json").read_text(encoding="utf-8"))
+    assert entry["build_dependencies"] == fields["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+    assert entry["category"] == fields["EXTENSION_CATEGORY"]
+    assert entry["scm_url"].startswith(fields["EXTENSION_HOMEPAGE"])
     module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "LumbarBMDLib" in module_cmake and "Resources/Models" in module_cmake
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_cmake
+
+
+def test_the_license_file_is_the_apache_2_0_text_that_pyproject_declares():
+    import tomllib
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["license"] == {"text": "Apache-2.0"}
+    text = (REPO_ROOT / "LICENSE.txt").read_text(encoding="utf-8")
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    sections = re.findall(r"^\s+(\d+)\. (\w[\w ]+)\.", text, flags=re.M)
+    assert [int(n) for n, _ in sections] == list(range(1, 10))  # the nine sections of the licence
+    assert "END OF TERMS AND CONDITIONS" in text and "http://www.apache.org/licenses/LICENSE-2.0" in text
+
+
+def test_the_module_says_which_slicer_it_needs(lumbarbmd_module):
+    parent = types.SimpleNamespace(path=str(MODULE_FILE))
+    lumbarbmd_module.LumbarBMD(parent)
+    assert "Needs 3D Slicer 5.8 or later" in parent.helpText
+    assert parent.contributors == ["LumbarBMD developers (LumbarBMD project)"]
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "5.4 or later" not in source  # the old, wrong minimum
+    # the widget shows the library's sentence instead of its GUI in an older Slicer (checked in setup, before loadUI)
+    setup = source[source.index("    def setup(self) -> None:"):source.index("    def _qctSpinBoxes")]
+    assert setup.index("unsupported_slicer_message(slicerVersion())") < setup.index("slicer.util.loadUI")
