@@ -546,13 +546,14 @@ def _slope_sd(curve: ResponseCurve, theta: np.ndarray, cov: np.ndarray) -> float
     return math.sqrt(var) if var >= 0 else float("nan")
 
 
-def _collect(measurements: Mapping[str, Any], blood_enhanced: bool) -> tuple[list[TissueFit], list[str]]:
+def _collect(measurements: Mapping[str, Any], blood_enhanced: bool,
+             floor_scale: float = 1.0) -> tuple[list[TissueFit], list[str]]:
     """The tissues as :class:`TissueFit` rows, with unknown or enhanced ones marked unused; and notes."""
     rows, notes = [], []
     for name, value in measurements.items():
         ref = reference_name(str(name))
         m = as_measurement(value)
-        floor = REFERENCE_TISSUES[ref].floor_hu if ref else 0.0
+        floor = REFERENCE_TISSUES[ref].floor_hu * floor_scale if ref else 0.0
         row = TissueFit(str(name), ref, m.median_hu, m.sd_hu, m.n_voxels, measurement_sigma_hu(m, floor), roi=m.roi)
         if ref is None:
             row.used, row.note = False, "unknown tissue: not a reference of the fit"
@@ -571,7 +572,8 @@ def _missing_kinds(used: list[TissueFit]) -> list[str]:
 
 
 def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = None, blood_enhanced: bool = False,
-                         metal: bool = False, patient_water_cm: float | None = None) -> InternalCalibration:
+                         metal: bool = False, patient_water_cm: float | None = None,
+                         floor_scale: float = 1.0) -> InternalCalibration:
     """Fit the scanner response to the reference tissues' HU and derive the K2HPO4 calibration.
 
     Args:
@@ -583,6 +585,8 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
         metal: the ROI finder saw metal (streaks bias every ROI): the fit is reported but called poor.
         patient_water_cm: the patient's water-equivalent diameter (cm), when known: narrows the kVp prior
             (:func:`energy_prior`); ignored without ``kvp``.
+        floor_scale: multiplies every tissue's biological floor (1: the documented floors; smaller only where a
+            site knows its population better, or in tests of the model itself).
 
     Returns:
         the :class:`InternalCalibration`, verdict "ok" or "poor" with its reasons. A poor fit still carries
@@ -594,7 +598,7 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
     prior = energy_prior(kvp, patient_water_cm) if kvp is not None else None
     if kvp is None:
         notes.append("No DICOM kVp: the effective energy rests on the tissues alone.")
-    rows, more = _collect(measurements, blood_enhanced)
+    rows, more = _collect(measurements, blood_enhanced, floor_scale)
     notes += more
     used = [t for t in rows if t.used]
     missing = _missing_kinds(used)
