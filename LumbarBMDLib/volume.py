@@ -1055,6 +1055,7 @@ class _Series:
     rows: int = 0
     columns: int = 0
     pixel_spacing: str = ""
+    kvp: float | None = None  # KVP (0018,0060), the tube voltage (kV): the internal calibration's energy prior
     skip_reason: str = ""
 
     @property
@@ -1134,6 +1135,8 @@ def _find_series(folder: Path, recursive: bool = True) -> list[_Series]:
         s.rows = int(float(rows)) if _is_number(rows) else 0
         s.columns = int(float(columns)) if _is_number(columns) else 0
         s.pixel_spacing = _tag(r, "0028|0030")
+        kvp = _tag(r, "0018|0060")
+        s.kvp = float(kvp) if _is_number(kvp) and 40 <= float(kvp) <= 160 else None
         series.append(s)
     series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.description, s.uid))
     return series
@@ -1274,6 +1277,7 @@ def _read_dicom_folder(
         "modality": used.modality,
         "series_instance_uid": used.uid,
         "series_description": used.description,
+        "kvp": used.kvp,
         "n_slices": used.n_slices,
         "dicom_series_used": used.summary(),
         "dicom_other_series": [s.summary() for s in series if s is not used],

@@ -642,3 +642,26 @@ def test_reorientation_equals_dicom_orient_for_all_48_axis_orders(tmp_path: Path
             ref_vol = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
             np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(ref_vol))
             np.testing.assert_allclose(vol.origin, ref_vol.GetOrigin(), atol=1e-4)
+
+
+# --- 8. a real scanner's series through the direct pixel read ----------------------------------------------------
+
+
+def test_real_philips_series_read_directly_as_simpleitk_reads_it() -> None:
+    """The real chest CT (Philips, Implicit VR, 12 bits stored in 16) goes through LumbarBMD's direct read of plain
+    pixel data: voxels, spacing, origin and direction equal SimpleITK's; its tube voltage is recorded (kVp 120)."""
+    import LumbarBMDLib.volume as volume
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "chest-ct-negative"
+    first = sorted(folder.glob("*.dcm"))[0]
+    assert volume._slice_header(str(first), pydicom).raw_pixels == (3070, "<u2", 512, 512, 12)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    ref = sitk.DICOMOrient(reader.Execute(), "LPS")
+    vol = read_ct(folder)
+    np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(ref))
+    np.testing.assert_allclose(vol.spacing, ref.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-9)
+    assert vol.metadata["kvp"] == 120.0
