@@ -513,7 +513,8 @@ def _boxes(slab: _Slab, spine: np.ndarray, box_x_mm: tuple[float, float], box_y_
     r0 = np.round(spine[slices, 1] + box_y_mm[0] / slab.px_mm[1]).astype(int)
     w = round((box_x_mm[1] - box_x_mm[0]) / slab.px_mm[0])
     h = round((box_y_mm[1] - box_y_mm[0]) / slab.px_mm[1])
-    pad = max(h, w)
+    _, ny, nx = slab.hu.shape
+    pad = int(max(0, -r0.min(), -c0.min(), (r0 + h).max() - ny, (c0 + w).max() - nx)) + 1  # boxes leaving the image
     padded = np.pad(slab.hu[slices], ((0, 0), (pad, pad), (pad, pad)), constant_values=-1000.0)
     crops = np.stack([padded[i, r + pad:r + pad + h, c + pad:c + pad + w]
                       for i, (r, c) in enumerate(zip_strict(r0, c0))])
@@ -601,8 +602,10 @@ def detect_vessel(slab: _Slab, spine: np.ndarray, slices: np.ndarray, box_x_mm, 
     keep_a, rows_a, cols_a = np.array(keep), np.array(rows), np.array(cols)
     # drop slices where the vessel is no longer the lumen seen elsewhere (bifurcation, a neighbour taken instead)
     sc, hu = score[keep_a, rows_a, cols_a], m_in[keep_a, rows_a, cols_a]
-    mad = np.median(np.abs(hu - np.median(hu)))
-    good = (sc >= 0.5 * np.median(sc)) & (np.abs(hu - np.median(hu)) <= max(3.0 * mad, LUMEN_HU_TOLERANCE))
+    best_half = sc >= np.median(sc)  # the lumen's HU is read where the vessel is clearest (not below a bifurcation)
+    ref = np.median(hu[best_half])
+    mad = np.median(np.abs(hu[best_half] - ref))
+    good = (sc >= 0.5 * np.median(sc[best_half])) & (np.abs(hu - ref) <= max(3.0 * mad, LUMEN_HU_TOLERANCE))
     if good.sum() < MIN_VESSEL_SLICES:
         return None
     keep_a, rows_a, cols_a = keep_a[good], rows_a[good], cols_a[good]
@@ -678,17 +681,23 @@ def find_vessels(slab: _Slab, spine: np.ndarray | None, metal_near: np.ndarray |
 
 
 def _metal_near(volume: CTVolume, slab: _Slab) -> np.ndarray | None:
-    """Pooled mask of voxels within :data:`METAL_CLEARANCE_MM` (in-plane) of metal, or None when there is none."""
-    raw = np.asarray(volume.hu[slab.ks]) > METAL_HU
-    if not raw.any():
+    """Pooled mask of voxels within :data:`METAL_CLEARANCE_MM` of metal (in-plane, and along z over the slices in
+    between the analysed ones), or None when there is none."""
+    w = int(np.ceil(METAL_CLEARANCE_MM / max(volume.spacing[2], 1e-3)))
+    k0, k1 = max(0, int(slab.ks.min()) - w), min(volume.shape[0], int(slab.ks.max()) + w + 1)
+    per_slice = np.asarray(volume.hu[k0:k1]).max(axis=(1, 2)) > METAL_HU
+    if not per_slice.any():
         return None
     p = slab.pool
     n, ny, nx = slab.hu.shape
-    pooled = raw[:, :ny * p, :nx * p].reshape(n, ny, p, nx, p).any(axis=(2, 4))
-    out = np.zeros_like(pooled)
-    for s in np.flatnonzero(pooled.any(axis=(1, 2))):  # only the slices with metal
-        out[s] = ndimage.distance_transform_edt(~pooled[s], sampling=(slab.px_mm[1], slab.px_mm[0])) \
-            <= METAL_CLEARANCE_MM
+    out = np.zeros((n, ny, nx), bool)
+    for s, k in enumerate(slab.ks):
+        near = np.flatnonzero(per_slice[max(0, k - w - k0):k + w + 1 - k0]) + max(k0, k - w)
+        if near.size == 0:
+            continue
+        raw = (np.asarray(volume.hu[near]) > METAL_HU).any(axis=0)
+        pooled = raw[:ny * p, :nx * p].reshape(ny, p, nx, p).any(axis=(1, 3))
+        out[s] = ndimage.distance_transform_edt(~pooled, sampling=(slab.px_mm[1], slab.px_mm[0])) <= METAL_CLEARANCE_MM
     return out
 
 
