@@ -47,7 +47,7 @@ SLAB_MARGIN_MM = 20.0  # around the given levels: the aorta and the liver hilum 
 SLAB_STEP_MM = 3.0  # slices are taken this far apart: tissues change slowly along z; 3 mm keeps a case < 0.5 s
 MAX_SLICES = 24  # at most this many slices are analysed (thinned evenly beyond): 24 slices give > 10^4 voxels
 # per tissue, and keep a full case < 0.5 s
-POOL_TARGET_MM = 2.0  # in-plane pooling to about this pixel size: the smallest ROI (IVC, 7 mm radius) keeps ≥ 3 px
+POOL_TARGET_MM = 2.0  # in-plane pooling to about this pixel size (2.0–2.5 mm): the IVC's inner disc keeps ≥ 2 px
 
 # --- HU ranges (published tissue ranges; wide enough for any kVp 80–140) ------------------------------------------
 BODY_HU = -500.0  # body outline: skin and fat (> −190) against air (≈ −1000); lung/bowel gas filled as holes
@@ -281,7 +281,7 @@ def select_slab(volume: CTVolume, z_range_mm: tuple[float, float] | None) -> tup
     ks = ks[::step]
     if ks.size > MAX_SLICES:
         ks = ks[np.linspace(0, ks.size - 1, MAX_SLICES).round().astype(int)]
-    pool = max(1, round(POOL_TARGET_MM / min(volume.spacing[0], volume.spacing[1])))
+    pool = max(1, int(np.ceil(POOL_TARGET_MM / min(volume.spacing[0], volume.spacing[1]) - 0.2)))  # 0.84 mm → 3
     sub = np.asarray(volume.hu[ks], dtype=np.float32)
     ny, nx = sub.shape[1] // pool * pool, sub.shape[2] // pool * pool
     sub = sub[:, :ny, :nx]
