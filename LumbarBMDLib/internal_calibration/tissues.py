@@ -237,10 +237,11 @@ def _disk(radius_px: float) -> np.ndarray:
     return (xx * xx + yy * yy) <= max(radius_px, 1.0) ** 2
 
 
-_IN_PLANE = np.zeros((3, 3, 3), bool)
-_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)  # 4-connected within a slice, never across slices
-_IN_PLANE_8 = np.zeros((3, 3, 3), bool)
-_IN_PLANE_8[1] = True
+# 3 × 3 × 3 structuring elements that connect within a slice, never across slices (nested lists: no array work at
+# import time): 4-connected, and the full 3 × 3 square.
+_OFF = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
+_IN_PLANE = [_OFF, [[0, 1, 0], [1, 1, 1], [0, 1, 0]], _OFF]
+_IN_PLANE_8 = [_OFF, [[1, 1, 1], [1, 1, 1], [1, 1, 1]], _OFF]
 
 
 def _erode2d(mask: np.ndarray, radius_px: float) -> np.ndarray:
