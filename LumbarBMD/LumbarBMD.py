@@ -1258,7 +1258,11 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
 
         settings = self.computeSettings()
         bmdModel = self.loadModel("regression", settings.regressionModelPath, settings.device)
-        result = measure_from_labels(annotation, labels, geometry, bmdModel, self._calibration(settings))
+        # the scanner assessment (tissues, contrast phase) does not depend on the labels: kept from this CT's result
+        previous = next((r for _, r in self._caseResults.values() if getattr(r, "annotation", None) is annotation),
+                        None)
+        result = measure_from_labels(annotation, labels, geometry, bmdModel, self._calibration(settings),
+                                     scanner=getattr(previous, "scanner", None))
         results = results_json(result, annotation.volume.source, None, bmdModel)
         if results["status"] == "failed":
             raise LumbarBMDError(results["error"])

@@ -18,6 +18,7 @@ from LumbarBMDLib import __version__
 from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.annotation import Annotation, prepare
 from LumbarBMDLib.calibration import ScannerCalibration
+from LumbarBMDLib.internal_calibration.assess import ScannerAssessment, assess_scanner
 from LumbarBMDLib.localisation import LevelLocation, level_centres, locate_in_ct
 from LumbarBMDLib.patches import TrabecularPatch, trabecular_patches
 from LumbarBMDLib.regression import LevelBMD, RegressionModel, patient_bmd, predict_bmd
@@ -47,6 +48,8 @@ class CaseResult:
             when neither is (then no level is measured), "edited labels" when a person drew the labels.
         anatomical: the network's segmentation renumbered by the chain (None when labels were given).
         qc_flags: quality-control flags of the case (transitional anatomy, uncertain identification, …).
+        scanner: reference tissues, contrast phase and internal calibration (recorded, not applied; see
+            :mod:`LumbarBMDLib.internal_calibration.assess`); None when not assessed.
     """
 
     annotation: Annotation
@@ -64,6 +67,7 @@ class CaseResult:
     numbering_anchor: str | None = "edited labels"
     anatomical: AnatomicalSegmentation | None = None
     qc_flags: list[QCFlag] = field(default_factory=list)
+    scanner: ScannerAssessment | None = None
 
     @property
     def spine(self):
@@ -135,12 +139,22 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
     transform = hu_transform_for(bmd_model, calibration)
     patches, levels, times = regress_locations(annotation, locations, bmd_model, transform)
     mean, category = patient_bmd(levels)
+    scanner = assess_scanner(annotation.volume, identified_body_centres(annotation.spine), calibration)
     timings = {"canal": annotation.timings_s["canal"], "spine": annotation.timings_s["spine"],
                "sagittal": annotation.timings_s["sagittal"], "segment": t2 - t1, **times,
-               "total": time.perf_counter() - t0}
+               "scanner": scanner.seconds, "total": time.perf_counter() - t0}
     return CaseResult(annotation, seg, anatomical.labels, anatomical.geometry, locations, patches, levels, mean,
                       category, transform, calibration, timings, annotation.spine.anchor, anatomical,
-                      case_flags(annotation.spine, anatomical, annotation.volume.metadata))
+                      case_flags(annotation.spine, anatomical, annotation.volume.metadata) + scanner.qc_flags(),
+                      scanner)
+
+
+def identified_body_centres(ident) -> np.ndarray | None:
+    """``(m, 3)`` LPS centres (mm) of the chain bodies identified as L1–L4; None when none is identified."""
+    if ident is None:
+        return None
+    centres = [ident.chain.bodies[lv.body].centre_lps for lv in ident.levels if lv.identified and lv.body is not None]
+    return np.array(centres, dtype=float) if centres else None
 
 
 #: The network runs on the rows of the identified L1–L4 and this margin above and below (its receptive field near
@@ -208,8 +222,11 @@ def case_flags(ident, anatomical: AnatomicalSegmentation | None, metadata: dict 
 
 
 def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: SagittalGeometry,
-                        bmd_model: RegressionModel, calibration: ScannerCalibration | None = None) -> CaseResult:
+                        bmd_model: RegressionModel, calibration: ScannerCalibration | None = None,
+                        scanner: ScannerAssessment | None = None) -> CaseResult:
     """Re-run localisation, patches and regression on edited labels (the Slicer correction loop).
+
+    ``scanner``: the case's scanner assessment from :func:`measure` (it does not depend on the labels), carried over.
 
     The person's labels are measured as drawn; they are checked against the vertebral chain: two levels drawn on one
     vertebra are not measured, and a level drawn on a vertebra that the anatomy numbers differently is flagged.
@@ -221,8 +238,9 @@ def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: Sa
     locations = locate_in_ct(checked, annotation.volume)
     patches, levels, times = regress_locations(annotation, locations, bmd_model, transform)
     mean, category = patient_bmd(levels)
+    flags += scanner.qc_flags() if scanner is not None else []
     return CaseResult(annotation, None, labels, geometry, locations, patches, levels, mean,
-                      category, transform, calibration, times, qc_flags=flags)
+                      category, transform, calibration, times, qc_flags=flags, scanner=scanner)
 
 
 def failure_message(levels: list[LevelBMD], refusal: str | None = None) -> str:
@@ -291,6 +309,7 @@ def results_json(result: CaseResult, source: str, seg_model: SegmentationModel |
         "calibration": None if result.calibration is None else {
             "slope": result.calibration.slope, "intercept": result.calibration.intercept,
             "hu_transform": [round(v, 5) for v in result.hu_transform]},
+        "scanner": None if result.scanner is None else result.scanner.as_json(),
         "timings_s": {k: round(v, 3) for k, v in {**result.timings_s, **(timings or {})}.items()},
         "models": {"segmentation": seg_model.sha256 if seg_model else None, "regression": bmd_model.sha256},
         "models_verified": {"segmentation": getattr(seg_model, "verified", True) if seg_model else None,

@@ -72,3 +72,17 @@ def test_no_pickle_loading():
             continue
         for match in re.finditer(r"torch\.load\((.*)\)", path.read_text(encoding="utf-8")):
             assert "weights_only=True" in match.group(1), f"{path}: torch.load without weights_only=True"
+
+
+def test_library_data_files_ship_with_the_wheel_and_the_extension():
+    """Every data file inside LumbarBMDLib (not Python) is package data in pyproject.toml (the wheel) and matched by
+    the Slicer module's CMake glob for LumbarBMDLib's data (the extension); today only JSON tables and py.typed."""
+    data = sorted(p.relative_to(ROOT / "LumbarBMDLib").as_posix() for p in (ROOT / "LumbarBMDLib").rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts)
+    assert "internal_calibration/response_table.json" in data
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "package-data"]["LumbarBMDLib"]
+    assert set(data) <= set(package_data), set(data) - set(package_data)
+    cmake = (ROOT / "LumbarBMD" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "${LumbarBMDLib_SOURCE_DIR}/*.json" in cmake
+    assert all(name == "py.typed" or name.endswith(".json") for name in data), data
