@@ -213,6 +213,26 @@ def test_gdcm_written_slice_with_short_pixel_data(tmp_path: Path, tiles: int) ->
     )
 
 
+def _simpleitk_series(folder: Path) -> sitk.Image:
+    """The series in ``folder`` as SimpleITK reads it (GDCM, float32), reoriented to LPS: the reference."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    return sitk.DICOMOrient(reader.Execute(), "LPS")
+
+
+def assert_reads_as_simpleitk(folder: Path, voxels: bool = True) -> CTVolume:
+    """``read_ct(folder)`` has SimpleITK's voxels (when ``voxels``), spacing, origin and direction; returns it."""
+    ref = _simpleitk_series(folder)
+    vol = read_ct(folder)
+    if voxels:
+        np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(ref))
+    np.testing.assert_allclose(vol.spacing, ref.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-6)
+    return vol
+
+
 def _hu_by_pydicom(folder: Path) -> np.ndarray:
     """The series' HU as pydicom decodes them (pixel_array, bits above BitsStored handled, then the modality LUT),
     slices sorted along +S, float32: the reference for LumbarBMD's direct read of plain pixel data."""
@@ -255,14 +275,8 @@ def test_plain_dicom_pixels_read_directly_as_pydicom_decodes_them(tmp_path: Path
         ds.save_as(file, enforce_file_format=True)
     header = volume._slice_header(str(sorted(tmp_path.glob("*.dcm"))[0]), pydicom)
     assert header.raw_pixels is not None  # LumbarBMD's direct read, not GDCM's
-    vol = read_ct(tmp_path)
+    vol = assert_reads_as_simpleitk(tmp_path, voxels=False)  # GDCM does not mask the unused high bits
     np.testing.assert_allclose(vol.hu, _hu_by_pydicom(tmp_path), rtol=0, atol=1e-4)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path)))
-    ref = sitk.DICOMOrient(reader.Execute(), "LPS")
-    np.testing.assert_allclose(vol.spacing, ref.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-4)
-    np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-9)
     if variant == "12 bits stored, high bits set":  # the masked values, not the 16-bit words
         assert float(vol.hu.max()) <= 4095 - 1024
 
@@ -294,14 +308,7 @@ def test_compressed_and_oblique_dicom_are_read_as_simpleitk_does(tmp_path: Path)
     assert volume._slice_header(str(next(compressed.glob("*.dcm"))), pydicom).raw_pixels is None
     assert volume._slice_header(str(next(oblique.glob("*.dcm"))), pydicom).raw_pixels is not None
     for folder in (oblique, compressed):
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-        reader.SetOutputPixelType(sitk.sitkFloat32)
-        ref = sitk.DICOMOrient(reader.Execute(), "LPS")
-        vol = read_ct(folder)
-        np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(ref))
-        np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-4)
-        np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-6)
+        assert_reads_as_simpleitk(folder)
 
 
 def test_dicom_file_cut_short_is_named(tmp_path: Path) -> None:
@@ -655,13 +662,4 @@ def test_real_philips_series_read_directly_as_simpleitk_reads_it() -> None:
     folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "chest-ct-negative"
     first = sorted(folder.glob("*.dcm"))[0]
     assert volume._slice_header(str(first), pydicom).raw_pixels == (3070, "<u2", 512, 512, 12)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-    reader.SetOutputPixelType(sitk.sitkFloat32)
-    ref = sitk.DICOMOrient(reader.Execute(), "LPS")
-    vol = read_ct(folder)
-    np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(ref))
-    np.testing.assert_allclose(vol.spacing, ref.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-3)
-    np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-9)
-    assert vol.metadata["kvp"] == 120.0
+    assert assert_reads_as_simpleitk(folder).metadata["kvp"] == 120.0
