@@ -26,6 +26,17 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     """Write a phantom cohort."""
     from LumbarBMDLib.phantom import generate_cohort
 
+    if args.scanner:
+        from LumbarBMDLib.phantom.physical_scanner import as_physics, scanner_vendor
+
+        if args.calibration_scan:
+            raise LumbarBMDError("--calibration-scan is not available with --scanner yet (only for vendors A, B, C)")
+        physics = as_physics(args.scanner)  # a bad file is a one-sentence ScannerSpecError
+        csv_path = generate_cohort(args.out, cases=args.cases, seed=args.seed, size=args.size, variant=args.variant,
+                                   progress=not args.quiet, scanner=physics)
+        print(f"wrote {args.cases} case(s) on scanner {scanner_vendor(physics)} to {Path(args.out).resolve()} "
+              f"(cohort table: {csv_path})")
+        return 0
     vendors = ["A", "B", "C"] if args.vendor == "all" else [args.vendor]
     for vendor in vendors:
         csv_path = generate_cohort(args.out, cases=args.cases, seed=args.seed, vendor=vendor, size=args.size,
@@ -293,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder: OUT/<case>/ct.nii.gz, vertebrae.nii.gz, truth.json, OUT/cohort.csv")
     p.add_argument("--cases", type=int, default=1, help="number of cases (seeds SEED … SEED+N−1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--vendor", choices=["A", "B", "C", "all"], default="A", help="scanner profile (default A)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--vendor", choices=["A", "B", "C", "all"], default="A", help="scanner profile (default A)")
+    which.add_argument("--scanner", metavar="FILE.json",
+                       help="a physically defined scanner instead of a vendor (JSON as in docs/scanner_example.json; "
+                            "needs the phantom-physics extra)")
     p.add_argument("--size", choices=["full", "small"], default="full", help="full: 512², 1 mm; small: 192², 2.5 mm")
     p.add_argument("--variant", choices=VARIANTS, default="none", help="anatomy/acquisition variant (default none)")
     p.add_argument("--calibration-scan", action="store_true",

@@ -7,6 +7,10 @@ bowel, table) drawn from published anatomical ranges, scanned by a vendor profil
 kernel, slice profile). Everything is deterministic by seed: the same seed gives the same patient on
 every vendor (paired comparisons), and the scanner's noise depends on seed and vendor.
 
+A scanner the project never saw can be given physically instead of a vendor letter (``scanner=`` a
+:class:`~LumbarBMDLib.phantom.physics.ScannerPhysics` or its JSON; ``lumbarbmd phantom --scanner FILE``): see
+:mod:`LumbarBMDLib.phantom.physical_scanner`. Vendors A, B, C are unchanged by it.
+
 Public API: :func:`generate_case`, :func:`write_case`, :func:`generate_cohort`.
 """
 
@@ -29,6 +33,7 @@ from LumbarBMDLib.phantom.anatomy import (
     category_of,
     sample_patient,
 )
+from LumbarBMDLib.phantom.physics import ScannerPhysics
 from LumbarBMDLib.phantom.render import (
     Rendered,
     Tissue,
@@ -47,7 +52,7 @@ from LumbarBMDLib.phantom.render import (
     render_vertebra,
     trabecular_hu,
 )
-from LumbarBMDLib.phantom.scanner import SCANNERS, scanner_profile
+from LumbarBMDLib.phantom.scanner import SCANNERS, ScannerProfile, scanner_profile
 from LumbarBMDLib.sagittal import (
     ANNOTATION_SLICES,
     mean_sagittal_image,
@@ -172,22 +177,46 @@ def _level_truth(patient: Patient, labels: np.ndarray, grid, scanner, variants: 
     return out
 
 
+def _scanner_for(vendor: str, scanner: ScannerPhysics | str | Path | None,
+                 low_dose: bool) -> tuple[str, str, int, ScannerProfile, ScannerPhysics | None]:
+    """``(vendor field, case-id prefix, noise key, profile, physics)`` of a vendor letter or a physical scanner."""
+    if scanner is None:
+        vendor = vendor.upper()
+        if vendor not in SCANNERS:
+            raise ValueError(f"unknown vendor {vendor!r}: choose one of {', '.join(SCANNERS)}")
+        return vendor, vendor, "ABC".index(vendor), scanner_profile(vendor, low_dose=low_dose), None
+    from LumbarBMDLib.phantom import physical_scanner as ps
+
+    physics = ps.as_physics(scanner)
+    profile = ps.profile_from_physics(physics)
+    if low_dose:  # as scanner_profile: 2.5 × the noise (≈ 1/6 of the dose)
+        profile = replace(profile, noise_sd=profile.noise_sd * 2.5)
+    return ps.scanner_vendor(physics), ps.case_prefix(physics), ps.noise_key(physics), profile, physics
+
+
 def generate_case(
-    seed: int, vendor: str = "A", size: str = "full", variant: str | Variants = "none", category: str | None = None
+    seed: int,
+    vendor: str = "A",
+    size: str = "full",
+    variant: str | Variants = "none",
+    category: str | None = None,
+    scanner: ScannerPhysics | str | Path | None = None,
 ) -> PhantomCase:
-    """Generate one phantom case in memory, deterministic by (seed, vendor, size, variant).
+    """Generate one phantom case in memory, deterministic by (seed, vendor or scanner, size, variant).
 
     Args:
         seed: the patient's seed (the same seed gives the same anatomy and BMD on every vendor).
-        vendor: scanner profile "A" (training scanner), "B" or "C".
+        vendor: scanner profile "A" (training scanner), "B" or "C"; ignored when ``scanner`` is given.
         size: "full" (512², 0.6–0.9 mm, 1 mm slices) or "small" (192², 2 mm, 2.5 mm slices).
         variant: a name from :data:`VARIANTS` or a :class:`Variants`.
         category: force the BMD category ("osteoporosis", "osteopenia", "normal"); None draws from the cohort.
+        scanner: a physically defined scanner (a :class:`~LumbarBMDLib.phantom.physics.ScannerPhysics` or the
+            path of its JSON): the case is rendered with
+            :func:`~LumbarBMDLib.phantom.physical_scanner.profile_from_physics`, its vendor is ``"P:<name>"``,
+            its id ``P-<slug>_<seed>`` and its truth.json carries ``scanner_physics``. Needs the
+            ``phantom-physics`` extra.
     """
     t0 = time.perf_counter()
-    vendor = vendor.upper()
-    if vendor not in SCANNERS:
-        raise ValueError(f"unknown vendor {vendor!r}: choose one of {', '.join(SCANNERS)}")
     rng_variant = np.random.default_rng([seed, 1])
     variants = variant if isinstance(variant, Variants) else make_variants(variant, rng_variant)
     rng = np.random.default_rng([seed, 0])
@@ -200,7 +229,7 @@ def generate_case(
         fracture_level=variants.fracture,
     )
     place_patient(patient, rng)
-    scanner = scanner_profile(vendor, low_dose=variants.low_dose)
+    vendor, prefix, noise_key, scanner, physics = _scanner_for(vendor, scanner, variants.low_dose)
     grid = make_grid(patient, size, rng, variants.missing_level)
     timings = {"anatomy": time.perf_counter() - t0}
 
@@ -221,7 +250,7 @@ def generate_case(
     timings["render"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rng_scan = np.random.default_rng([seed, 2, "ABC".index(vendor)])
+    rng_scan = np.random.default_rng([seed, 2, noise_key])
     ct_hu = acquire(hu, grid, scanner, patient.body_ry, metal, rng_scan)
     del hu
     timings["acquire"] = time.perf_counter() - t
@@ -245,7 +274,7 @@ def generate_case(
     levels = _level_truth(patient, labels, grid, scanner, variants)
     bmd = {n: levels[n]["bmd_mg_cm3"] for n in LUMBAR_LEVELS}
     in_view = [n for n in LUMBAR_LEVELS if levels[n]["in_view_fraction"] >= 0.5]
-    case_id = f"{vendor}_{seed:06d}"
+    case_id = f"{prefix}_{seed:06d}"
     truth = {
         "case": case_id,
         "bmd_mg_cm3": bmd,
@@ -267,6 +296,7 @@ def generate_case(
             "scoliosis_mm": round(patient.scoliosis_mm, 2),
         },
         "scanner": scanner.as_dict(),
+        **({} if physics is None else {"scanner_physics": _physics_truth(physics)}),
         "grid": {"shape_zyx": list(grid.shape), "spacing_xyz_mm": list(grid.spacing), "origin_lps": list(grid.origin)},
         "canal": {
             "centres_lps": [[round(c, 3) for c in p] for p in canal.values()],
@@ -298,6 +328,12 @@ def generate_case(
         annotation_geometry=geom.central_plane(),
         timings_s=timings,
     )
+
+
+def _physics_truth(physics: ScannerPhysics) -> dict:
+    from LumbarBMDLib.phantom.physical_scanner import physics_truth
+
+    return physics_truth(physics)
 
 
 def write_case(case: PhantomCase, out_dir: str | Path) -> Path:
@@ -363,25 +399,36 @@ def generate_cohort(
     size: str = "full",
     variant: str = "none",
     progress: bool = True,
+    scanner: ScannerPhysics | str | Path | None = None,
 ) -> Path:
     """Generate ``cases`` cases with seeds ``seed … seed + cases − 1`` and write ``out_dir/cohort.csv``.
 
     Cases already present (with their truth.json) are kept and not generated again, so an interrupted
-    cohort resumes. Returns the path of cohort.csv.
+    cohort resumes. ``scanner``: a physically defined scanner instead of ``vendor`` (see :func:`generate_case`).
+    Returns the path of cohort.csv.
     """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    physics = None
+    vendor, prefix = vendor.upper(), vendor.upper()
+    if scanner is not None:
+        from LumbarBMDLib.phantom import physical_scanner as ps
+
+        physics = ps.as_physics(scanner)
+        vendor, prefix = ps.scanner_vendor(physics), ps.case_prefix(physics)
     rows = []
     for s in tqdm(range(seed, seed + cases), desc=f"phantom {vendor}", unit="case", disable=not progress):
-        truth_path = out_dir / f"{vendor.upper()}_{s:06d}" / "truth.json"
+        truth_path = out_dir / f"{prefix}_{s:06d}" / "truth.json"
         if truth_path.exists():
             truth = json.loads(truth_path.read_text(encoding="utf-8"))
-            if truth.get("size") == size and truth.get("vendor") == vendor.upper():
+            same_physics = physics is None or {k: v for k, v in truth.get("scanner_physics", {}).items()
+                                               if k in physics.as_dict()} == physics.as_dict()
+            if truth.get("size") == size and truth.get("vendor") == vendor and same_physics:
                 rows.append(cohort_row(truth))
                 continue
-        case = generate_case(s, vendor, size, variant)
+        case = generate_case(s, vendor, size, variant, scanner=physics)
         write_case(case, out_dir)
         rows.append(cohort_row(case.truth))
     csv_path = out_dir / "cohort.csv"

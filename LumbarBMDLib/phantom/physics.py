@@ -1,7 +1,8 @@
 """Physical scanner model: a tissue's HU from its elemental composition and the scanner's X-ray spectrum.
 
-Issue 15, step 1. This module is a self-contained foundation: **the phantom does not use it yet** (today's
-phantom HU come from the fixed per-vendor values in :mod:`LumbarBMDLib.phantom.scanner`).
+Issue 15, step 1. The phantom's vendors A, B, C do not use it (their HU are the fixed values in
+:mod:`LumbarBMDLib.phantom.scanner`); a scanner given by this JSON is rendered through
+:func:`LumbarBMDLib.phantom.physical_scanner.profile_from_physics` (``lumbarbmd phantom --scanner FILE``).
 
 Model (single-energy CT with an energy-integrating detector, first order):
 
@@ -40,6 +41,11 @@ Materials (elemental mass fractions and densities, :class:`Material`):
   tissues", Br J Radiol 59:1209 (adipose = their adipose tissue 2), as listed in NISTIR 5632 Table 2 (the
   same values are Geant4's ``G4_ADIPOSE_TISSUE_ICRP``, ``G4_BONE_CORTICAL_ICRP``, ICRU Report 46 (1992));
 * Woodard & White 1986 adipose tissue 3 (0.93 g/cm³, the fattiest of their three adipose tissues);
+* ICRU-44 adult liver (1.06), kidney (1.05) and cartilage (1.10 g/cm³; the phantom's intervertebral disc):
+  ICRU Report 44 (1989) Table 4.2 = Woodard & White 1986 (liver 2 and kidney 2, the adult means), as
+  reproduced in Schneider W, Bortfeld T, Schlegel W 2000, Phys Med Biol 45:459, Table 1;
+* cerebrospinal fluid (1.01 g/cm³: H 0.111, O 0.880, Na 0.005, Cl 0.004): ICRU Report 46 (1992), Photon,
+  electron, proton and neutron interaction data for body tissues (water with ≈ 0.9 % NaCl-equivalent salts);
 * K2HPO4 solution (the QCT reference, Cann CE, Genant HK 1980, J Comput Assist Tomogr 4:493): water with
   c mg/cm³ of K2HPO4, each mg of salt displacing 0.2174 mg of water (the Mindways QCT PRO calibration,
   σ_CT = σ_ref − 0.2174: QCT PRO User Guide v5.0, Mindways Software 2011, as quoted by the ogo
@@ -61,9 +67,9 @@ shown, an unknown key is an error::
       "patient_water_cm": 25.0,      // water-equivalent patient path that hardens the beam (0-50 cm)
       "water_offset_hu": 0.0,        // calibration error: what water reads (HU, |x| <= 20)
       "air_offset_hu": 0.0,          // calibration error: air reads -1000 + this (HU, |x| <= 50)
-      "noise_sd_hu": 12.0,           // carried, not used here: image noise SD in water (HU, 0-200)
-      "kernel_psf_mm": 0.45,         // carried: in-plane Gaussian sigma of the kernel (mm, 0-3)
-      "slice_fwhm_mm": 1.0,          // carried: slice-sensitivity FWHM (mm, 0.2-10)
+      "noise_sd_hu": 12.0,           // image noise SD in water (HU, 0-200): used by the phantom only
+      "kernel_psf_mm": 0.45,         // in-plane Gaussian sigma of the kernel (mm, 0-3): phantom only
+      "slice_fwhm_mm": 1.0,          // slice-sensitivity FWHM (mm, 0.2-10): phantom only
       "description": ""
     }
 
@@ -213,11 +219,27 @@ CORTICAL_BONE = Material.of("cortical bone (ICRU-44)", 1.92,
                             {"H": 0.034, "C": 0.155, "N": 0.042, "O": 0.435, "Na": 0.001, "Mg": 0.002,
                              "P": 0.103, "S": 0.003, "Ca": 0.225}, _ICRU44)
 
+# ICRU-44 Table 4.2 (Woodard & White 1986; Schneider et al. 2000 Phys Med Biol 45:459, Table 1): adult liver
+# ("liver 2") and kidney ("kidney 2") and cartilage; ICRU Report 46 (1992): cerebrospinal fluid.
+_ICRU44_ORGANS = "ICRU Report 44 (1989) Table 4.2 = Woodard HQ, White DR 1986, Br J Radiol 59:1209"
+LIVER = Material.of("liver, adult (ICRU-44)", 1.06,
+                    {"H": 0.102, "C": 0.139, "N": 0.030, "O": 0.716, "Na": 0.002, "P": 0.003, "S": 0.003,
+                     "Cl": 0.002, "K": 0.003}, _ICRU44_ORGANS + " (liver 2, adult mean)")
+KIDNEY = Material.of("kidney, adult (ICRU-44)", 1.05,
+                     {"H": 0.103, "C": 0.132, "N": 0.030, "O": 0.724, "Na": 0.002, "P": 0.002, "S": 0.002,
+                      "Cl": 0.002, "K": 0.002, "Ca": 0.001}, _ICRU44_ORGANS + " (kidney 2, adult mean)")
+CARTILAGE = Material.of("cartilage (ICRU-44)", 1.10,
+                        {"H": 0.096, "C": 0.099, "N": 0.022, "O": 0.744, "Na": 0.005, "P": 0.022, "S": 0.009,
+                         "Cl": 0.003}, _ICRU44_ORGANS + " (cartilage; the phantom's intervertebral disc)")
+CSF = Material.of("cerebrospinal fluid (ICRU-46)", 1.01, {"H": 0.111, "O": 0.880, "Na": 0.005, "Cl": 0.004},
+                  "ICRU Report 46 (1992), cerebrospinal fluid (water with ~0.9 % NaCl-equivalent salts)")
+
 K2HPO4 = compound({"K": 2, "H": 1, "P": 1, "O": 4})  # dipotassium hydrogen phosphate, 174.17 g/mol
 
 MATERIALS: dict[str, Material] = {
     "water": WATER, "air": AIR, "adipose": ADIPOSE, "adipose_3": ADIPOSE_3, "muscle": MUSCLE, "blood": BLOOD,
-    "soft_tissue": SOFT_TISSUE, "cortical_bone": CORTICAL_BONE,
+    "soft_tissue": SOFT_TISSUE, "cortical_bone": CORTICAL_BONE, "liver": LIVER, "kidney": KIDNEY,
+    "cartilage": CARTILAGE, "csf": CSF,
 }
 
 
@@ -301,9 +323,9 @@ class ScannerPhysics:
         patient_water_cm: water-equivalent path through the patient that hardens the beam (cm).
         water_offset_hu: calibration error, the HU that water reads.
         air_offset_hu: calibration error, air reads −1000 + this.
-        noise_sd_hu: image noise SD in water (HU). Carried for later steps, not used here.
-        kernel_psf_mm: in-plane Gaussian sigma of the reconstruction kernel (mm). Carried, not used here.
-        slice_fwhm_mm: slice-sensitivity profile FWHM (mm). Carried, not used here.
+        noise_sd_hu: image noise SD in water (HU). Not used for HU; the phantom's noise (physical_scanner).
+        kernel_psf_mm: in-plane Gaussian sigma of the reconstruction kernel (mm). The phantom's kernel.
+        slice_fwhm_mm: slice-sensitivity profile FWHM (mm). The phantom's slice profile.
         description: free text.
     """
 
