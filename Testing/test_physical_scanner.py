@@ -168,8 +168,9 @@ def test_80_kvp_fat_lower_and_mineral_steeper_than_140_kvp(cases):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``lumbarbmd ARGS`` in a subprocess; its output decoded as UTF-8 whatever the locale (CI runs with LANG=C)."""
     return subprocess.run([sys.executable, "-m", "LumbarBMDLib", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900)
+                          encoding="utf-8", cwd=ROOT, timeout=900)
 
 
 @needs_physics
