@@ -605,8 +605,8 @@ def _check_deflate_ratio(path: Path, expected: int) -> None:
 def _inflate_into(path: Path, expected: int, new_sink: Callable[[], _SliceSink]) -> None:
     """Inflate the gzip file ``path`` (all its members) into a sink, raising if the stream holds fewer than
     ``expected`` bytes, is damaged (bad CRC or deflate data) or is cut before its end. The whole stream is checked in
-    one pass (members inflated in parallel where they can be found, see :func:`_inflate_members_in_parallel`)."""
-    _check_deflate_ratio(path, expected)
+    one pass (members inflated in parallel where they can be found, see :func:`_inflate_members_in_parallel`). The
+    caller has checked the declared size against the file's (:func:`_check_deflate_ratio`) before allocating."""
     data = path.read_bytes()  # read once: for the parallel pass and, if that cannot be used, the serial one
     sink = new_sink()
     if _inflate_members_in_parallel(data, expected, sink):
@@ -1424,7 +1424,8 @@ def _raw_pixel_layout(ds: object, elem: object, need: int) -> tuple[int, str, in
             or int(getattr(elem, "length", need) or need) != need):
         return None
     dtype = ("<i" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "<u") + str(bits // 8)
-    offset = int(getattr(elem, "value_tell", -1) if getattr(elem, "value_tell", None) is not None else -1)
+    tell = getattr(elem, "value_tell", None)  # where a deferred value starts; None once pydicom has read it
+    offset = -1 if tell is None else int(tell)
     return offset, dtype, int(ds.Rows), int(ds.Columns), stored
 
 
