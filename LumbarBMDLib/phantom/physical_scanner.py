@@ -90,6 +90,7 @@ def profile_from_physics(physics: ph.ScannerPhysics, name: str | None = None) ->
         psf_mm=physics.kernel_psf_mm,
         slice_fwhm_mm=physics.slice_fwhm_mm,
         model=model,
+        iodine_hu_per_mg_ml=round(ph.iodine_hu_per_mg_ml(physics), 3),
     )
 
 

@@ -36,6 +36,8 @@ class ScannerProfile:
             texture follows the same kernel.
         slice_fwhm_mm: slice-sensitivity profile FWHM (mm).
         model: a description of the mimicked scanner.
+        iodine_hu_per_mg_ml: HU added by 1 mg of iodine per mL in blood on this scanner (contrast enhancement
+            scales with it; 26.6 at 120 kVp, :func:`LumbarBMDLib.phantom.physics.iodine_hu_per_mg_ml`).
     """
 
     vendor: str
@@ -52,6 +54,7 @@ class ScannerProfile:
     psf_mm: float
     slice_fwhm_mm: float
     model: str
+    iodine_hu_per_mg_ml: float = 26.6
 
     def mineral_to_hu(self, bmd_mg_cm3: float) -> float:
         """HU of bone with ``bmd_mg_cm3`` mg/cm³ K2HPO4-equivalent mineral on this scanner."""
