@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a physically defined scanner instead of a vendor (JSON as in docs/scanner_example.json; "
                             "needs the phantom-physics extra)")
     p.add_argument("--size", choices=["full", "small"], default="full", help="full: 512², 1 mm; small: 192², 2.5 mm")
-    p.add_argument("--variant", choices=VARIANTS, default="none", help="anatomy/acquisition variant (default none)")
+    p.add_argument("--variant", choices=VARIANTS, default="none",
+                   help="anatomy/acquisition variant (default none); contrast = contrast-portal-venous, also "
+                        "contrast-arterial, contrast-delayed")
     p.add_argument("--calibration-scan", action="store_true",
                    help="also write OUT/calibration_<vendor>.nii.gz: the scan of the K2HPO4 calibration phantom")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

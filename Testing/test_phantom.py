@@ -416,12 +416,16 @@ def test_implant_variant_metal_and_streaks(small):
 def test_contrast_variant(small):
     case, normal = small("contrast"), small()
     assert case.truth["variants"]["contrast"] is True
-    assert case.ct.hu[case.tissue == Tissue.BLOOD].mean() > 200.0
-    assert normal.ct.hu[normal.tissue == Tissue.BLOOD].mean() < 60.0
+    assert case.truth["variants"]["contrast_phase"] == "portal_venous"
+    blood = case.truth["scanner"]["blood_hu"]
+    assert case.ct.hu[case.tissue == Tissue.BLOOD].mean() > blood + 100.0
+    assert normal.ct.hu[normal.tissue == Tissue.BLOOD].mean() < blood + 20.0
     gain = np.mean(
         [case.truth["levels"][n]["trabecular_hu"] - normal.truth["levels"][n]["trabecular_hu"] for n in LEVELS]
     )
-    assert 8.0 <= gain <= 16.0
+    # Pompe et al. 2015: +18.2 HU portal venous at 120 kVp, × the scanner's iodine HU / 26.6, × the bolus (0.9–1.1)
+    k = case.truth["scanner"]["iodine_hu_per_mg_ml"] / 26.6
+    assert 18.2 * k * 0.9 - 0.05 <= gain <= 18.2 * k * 1.1 + 0.05
     # QCT reference (unenhanced) BMD is unchanged
     assert case.truth["bmd_mg_cm3"] == normal.truth["bmd_mg_cm3"]
     assert spongiosa_mean_hu(case) - spongiosa_mean_hu(normal) == pytest.approx(gain, abs=4.0)

@@ -35,10 +35,13 @@ from LumbarBMDLib.phantom.anatomy import (
 )
 from LumbarBMDLib.phantom.physics import ScannerPhysics
 from LumbarBMDLib.phantom.render import (
+    CONTRAST_PHASES,
+    Enhancement,
     Rendered,
     Tissue,
     Variants,
     acquire,
+    contrast_enhancement,
     make_grid,
     place_patient,
     render_bowel,
@@ -70,14 +73,23 @@ VARIANTS = (
     "partial-L4",
     "six-lumbar",
     "contrast",
+    "contrast-arterial",
+    "contrast-portal-venous",
+    "contrast-delayed",
     "low-dose",
     "scoliosis",
     "calcification",
     "mixed",
 )
 SIZES = ("full", "small")
+#: variant name → contrast phase ("contrast" is the portal venous phase, the routine abdominal CT)
+CONTRAST_VARIANTS = {"contrast": "portal_venous", "contrast-arterial": "arterial",
+                     "contrast-portal-venous": "portal_venous", "contrast-delayed": "delayed"}
+#: ``mixed``: pick[2] < 0.35 is enhanced; the interval is split arterial 20 %, portal venous 60 %, delayed 20 %
+MIXED_PHASE_BOUNDS = ((0.07, "arterial"), (0.28, "portal_venous"), (0.35, "delayed"))
 
-__all__ = ["SIZES", "VARIANTS", "PhantomCase", "generate_case", "generate_cohort", "make_variants", "write_case"]
+__all__ = ["CONTRAST_PHASES", "CONTRAST_VARIANTS", "SIZES", "VARIANTS", "PhantomCase", "generate_case",
+           "generate_cohort", "make_variants", "write_case"]
 
 
 @dataclass
@@ -109,7 +121,11 @@ class PhantomCase:
 
 
 def make_variants(name: str, rng: np.random.Generator) -> Variants:
-    """The :class:`Variants` for a variant name (``mixed`` draws a realistic mix)."""
+    """The :class:`Variants` for a variant name (``mixed`` draws a realistic mix).
+
+    ``mixed`` draws exactly what it drew before the contrast phases existed (training cohorts depend on the stream):
+    the phase is read from the same draw that decides contrast (:data:`MIXED_PHASE_BOUNDS`).
+    """
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose one of {', '.join(VARIANTS)}")
     if name == "mixed":
@@ -119,7 +135,7 @@ def make_variants(name: str, rng: np.random.Generator) -> Variants:
         return Variants(
             fracture=str(rng.choice(["L1", "L2", "L3"])) if pick[0] < 0.08 else None,
             implant_levels=(levels[i], levels[i + 1]) if pick[1] < 0.05 else (),
-            contrast=bool(pick[2] < 0.35),
+            contrast_phase=next((ph for bound, ph in MIXED_PHASE_BOUNDS if pick[2] < bound), None),
             calcification=bool(pick[3] < 0.3),
             scoliosis=bool(pick[4] < 0.1),
             six_lumbar=bool(pick[5] < 0.04),
@@ -129,7 +145,7 @@ def make_variants(name: str, rng: np.random.Generator) -> Variants:
     return Variants(
         fracture=str(rng.choice(["L1", "L2", "L3"])) if name == "fracture" else None,
         implant_levels=("L4", "L5") if name == "implant" else (),
-        contrast=name == "contrast",
+        contrast_phase=CONTRAST_VARIANTS.get(name),
         calcification=name == "calcification",
         scoliosis=name == "scoliosis",
         six_lumbar=name == "six-lumbar",
@@ -154,8 +170,13 @@ def _canal_truth(rendered: Rendered) -> dict[int, list[float]]:
     return out
 
 
-def _level_truth(patient: Patient, labels: np.ndarray, grid, scanner, variants: Variants) -> dict:
-    """Per vertebra: BMD, category, centre (LPS), in-view fraction, trabecular HU, flags."""
+def _level_truth(patient: Patient, labels: np.ndarray, grid, scanner, variants: Variants,
+                 enhancement: Enhancement | None = None) -> dict:
+    """Per vertebra: BMD, category, centre (LPS), in-view fraction, trabecular HU, flags.
+
+    With contrast, ``trabecular_hu`` includes the enhancement and ``trabecular_hu_unenhanced`` /
+    ``trabecular_enhancement_hu`` give the HU without it and the difference.
+    """
     out = {}
     counts = np.bincount(labels.ravel(), minlength=256)
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
@@ -167,7 +188,10 @@ def _level_truth(patient: Patient, labels: np.ndarray, grid, scanner, variants: 
             "category": category_of(v.bmd),
             "centre_lps": [round(float(c), 3) for c in v.centre],
             "in_view_fraction": round(float(min(1.0, seen_ml / full_ml)), 3),
-            "trabecular_hu": round(trabecular_hu(v, scanner, variants.contrast), 2),
+            "trabecular_hu": round(trabecular_hu(v, scanner, enhancement), 2),
+            **({} if enhancement is None else {
+                "trabecular_hu_unenhanced": round(trabecular_hu(v, scanner, None), 2),
+                "trabecular_enhancement_hu": round(enhancement.hu["spongiosa"], 2)}),
             "marrow_fat_fraction": round(v.marrow_fat, 4),
             "body_mm": {"width": round(v.width, 2), "depth": round(v.depth, 2), "height": round(v.height, 2)},
             "canal_mm": {"width": round(v.canal_width, 2), "depth": round(v.canal_depth, 2)},
@@ -231,16 +255,20 @@ def generate_case(
     place_patient(patient, rng)
     vendor, prefix, noise_key, scanner, physics = _scanner_for(vendor, scanner, variants.low_dose)
     grid = make_grid(patient, size, rng, variants.missing_level)
+    # the bolus variation has its own stream: the anatomy of a contrast case is that of its unenhanced twin
+    phase = variants.phase()
+    enhancement = (None if phase is None
+                   else contrast_enhancement(phase, scanner, np.random.default_rng([seed, 3])))
     timings = {"anatomy": time.perf_counter() - t0}
 
     t = time.perf_counter()
-    hu, tissue = render_soft_tissue(patient, grid, scanner, variants, rng)
+    hu, tissue = render_soft_tissue(patient, grid, scanner, variants, rng, enhancement)
     labels = np.zeros(grid.shape, np.uint8)
-    render_bowel(hu, tissue, patient, grid, scanner, variants, rng)
+    render_bowel(hu, tissue, patient, grid, scanner, variants, rng, enhancement)
     render_canal(hu, tissue, patient, grid, scanner)
     render_discs(hu, tissue, patient, grid, scanner)
     for v in patient.vertebrae:
-        render_vertebra(hu, labels, tissue, v, grid, scanner, variants, rng)
+        render_vertebra(hu, labels, tissue, v, grid, scanner, variants, rng, enhancement)
     render_sacrum_and_pelvis(hu, labels, tissue, patient, grid, scanner, rng)
     render_ribs(hu, labels, tissue, patient, grid, scanner)
     if variants.calcification:
@@ -271,7 +299,7 @@ def generate_case(
     ann_labels = sagittal_label_image(CTVolume(hu=labels, spacing=grid.spacing, origin=grid.origin), geom)
     timings["annotation"] = time.perf_counter() - t
 
-    levels = _level_truth(patient, labels, grid, scanner, variants)
+    levels = _level_truth(patient, labels, grid, scanner, variants, enhancement)
     bmd = {n: levels[n]["bmd_mg_cm3"] for n in LUMBAR_LEVELS}
     in_view = [n for n in LUMBAR_LEVELS if levels[n]["in_view_fraction"] >= 0.5]
     case_id = f"{prefix}_{seed:06d}"
@@ -286,6 +314,7 @@ def generate_case(
         "levels_in_view": in_view,
         "levels": levels,
         "variants": variants.flags(),
+        **({} if enhancement is None else {"contrast": _contrast_truth(enhancement, scanner)}),
         "patient": {
             "age": round(patient.age, 1),
             "sex": patient.sex,
@@ -328,6 +357,17 @@ def generate_case(
         annotation_geometry=geom.central_plane(),
         timings_s=timings,
     )
+
+
+def _contrast_truth(enhancement: Enhancement, scanner: ScannerProfile) -> dict:
+    """truth.json ``contrast``: phase, bolus factor, iodine and HU enhancement per compartment, the painted HU."""
+    e = enhancement.hu
+    painted = {
+        "aorta": scanner.blood_hu + e["aorta"], "ivc": scanner.blood_hu + e["ivc"],
+        "portal_vein": scanner.blood_hu + e["portal_vein"], "liver": scanner.liver_hu + e["liver"],
+        "spleen": scanner.liver_hu - 10.0 + e["spleen"], "kidney": scanner.kidney_hu + e["kidney"],
+    }
+    return {**enhancement.as_json(), "hu": {k: round(v, 2) for k, v in painted.items()}}
 
 
 def _physics_truth(physics: ScannerPhysics) -> dict:
@@ -375,7 +415,9 @@ COHORT_COLUMNS = [
 def cohort_row(truth: dict) -> dict:
     """One cohort.csv row of a case's truth."""
     flags = truth["variants"]
-    active = [k for k, v in flags.items() if v not in (None, False, [], ())]
+    active = [k for k, v in flags.items() if v not in (None, False, [], ()) and k != "contrast_phase"]
+    if flags.get("contrast_phase") not in (None, "portal_venous"):  # "contrast" alone is the portal venous phase
+        active.insert(active.index("contrast") + 1, flags["contrast_phase"])
     return {
         "case": truth["case"],
         "seed": truth["seed"],

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from LumbarBMDLib._compat import pairwise, zip_strict
+from LumbarBMDLib.internal_calibration.phase import POMPE_2015, POMPE_2015_INCREASE_HU
 from LumbarBMDLib.phantom.anatomy import POSTERIOR_OFFSET, Patient, Vertebra
 from LumbarBMDLib.phantom.scanner import ScannerProfile
 from LumbarBMDLib.phantom.shapes import (
@@ -56,7 +57,6 @@ DENSE_CORTICAL_BMD = 1100.0  # thicker cortex of posterior elements, sacrum, pel
 # span 82–579 HU (10th–90th percentile), 77 % above 150 HU; these values reproduce that spread.
 POSTERIOR_MARROW_FACTOR = 0.35  # spongiosa mineral relative to the body's
 POSTERIOR_CORTEX_MM = 0.9
-CONTRAST_TRABECULAR_HU = 12.0  # Pompe et al. 2015: +10–15 HU in portal-venous phase
 
 
 class Tissue:
@@ -68,7 +68,11 @@ class Tissue:
 
 @dataclass
 class Variants:
-    """Which variants a case has (all False = a standard case)."""
+    """Which variants a case has (all False = a standard case).
+
+    ``contrast_phase`` is the intravenous contrast phase (:data:`CONTRAST_PHASES`; None = unenhanced); ``contrast``
+    means "any phase" and is kept in step with it: ``Variants(contrast=True)`` is the portal venous phase.
+    """
 
     fracture: str | None = None  # level name with a compression fracture
     implant_levels: tuple[str, ...] = ()  # levels with pedicle screws
@@ -78,19 +82,161 @@ class Variants:
     six_lumbar: bool = False
     missing_level: str | None = None  # "L1" or "L4": out of the field of view
     low_dose: bool = False
+    contrast_phase: str | None = None  # "arterial", "portal_venous", "delayed"; None: unenhanced
+
+    def __post_init__(self) -> None:
+        if self.contrast_phase is not None and self.contrast_phase not in CONTRAST_PHASES:
+            raise ValueError(f"unknown contrast phase {self.contrast_phase!r}: choose one of "
+                             f"{', '.join(CONTRAST_PHASES)} or None")
+        if self.contrast and self.contrast_phase is None:
+            self.contrast_phase = "portal_venous"
+        self.contrast = self.contrast_phase is not None
+
+    def phase(self) -> str | None:
+        """The contrast phase (None: unenhanced); ``contrast`` set without a phase is the portal venous phase."""
+        if self.contrast_phase is not None:
+            return self.contrast_phase
+        return "portal_venous" if self.contrast else None
 
     def flags(self) -> dict:
         """Plain dict for truth.json."""
         return {
             "fracture": self.fracture,
             "implant_levels": list(self.implant_levels),
-            "contrast": self.contrast,
+            "contrast": self.phase() is not None,
+            "contrast_phase": self.phase(),
             "calcification": self.calcification,
             "scoliosis": self.scoliosis,
             "six_lumbar": self.six_lumbar,
             "missing_level": self.missing_level,
             "low_dose": self.low_dose,
         }
+
+
+# ----------------------------------------------------------------------------------------------------
+# intravenous contrast
+# ----------------------------------------------------------------------------------------------------
+CONTRAST_PHASES = ("arterial", "portal_venous", "delayed")
+REFERENCE_IODINE_HU_PER_MG_ML = 26.6  # 120 kVp, LumbarBMDLib.phantom.physics.iodine_hu_per_mg_ml (blood + iodine)
+ENHANCED_COMPARTMENTS = ("aorta", "ivc", "portal_vein", "liver", "spleen", "kidney", "bowel_wall", "spongiosa")
+PORTAL_VEIN_XY_MM = (-45.0, -65.0)  # from the vertebral body's centre: right (−x) and in front (−y) of it, in the
+# liver hilum, ≈ 40 mm in front of the IVC (internal_calibration.tissues looks for it at (−45, −70) ± 25 mm)
+PORTAL_VEIN_RADIUS_MM = 7.0  # main portal vein ≤ 13–15 mm across
+HILUM_HALF_WIDTH_MM = 18.0  # the liver tissue drawn around the hilum (caudate/quadrate lobes): the vein lies in liver
+BOLUS_VARIATION = 0.10  # per case, every compartment × U(0.9, 1.1): dose per kg, cardiac output, bolus timing
+
+#: Enhancement over the unenhanced scan (HU at 120 kVp) per phase and compartment, from the literature:
+#:
+#: * [G] "MDCT of the liver and hypervascular hepatocellular carcinomas: optimizing scan delays for bolus-tracking
+#:   techniques of hepatic arterial and portal venous phases", AJR Am J Roentgenol 2006 (abstract verified: 171
+#:   patients, 2 mL/kg of 300 mg I/mL at 4 mL/s, trigger +50 HU in the lower thoracic aorta; authors Goshima,
+#:   Kanematsu et al. and the pages as recalled, not verified). Gains at 10–15 s after the trigger (late arterial):
+#:   aorta 300–336, spleen 97–108, liver 15–25, proximal portal veins 75–104, hepatic veins 24–51 HU; at 45–55 s
+#:   (portal venous): liver 59–63 (its peak), aorta 117–125, spleen 73–82 HU.
+#: * [R] Radiopaedia, "Late arterial phase" (rev. 23 Mar 2023): aorta 290–360 HU, liver +20–30 HU, portal vein
+#:   145 ± 20 HU.
+#: * [K] "Multi-detector row CT of the kidney: optimizing scan delays for bolus tracking techniques of arterial,
+#:   corticomedullary, and nephrographic phases", Eur J Radiol 2007;63:420–426, doi:10.1016/j.ejrad.2007.02.005
+#:   (abstract verified; authors not verified): 128 patients, 2 mL/kg of 300 mg I/mL at 4 mL/s; renal cortex
+#:   +195–217 HU at 10–30 s after the trigger; medulla +145 HU at 55 s, cortex–medulla difference < 30 HU from
+#:   45 s (nephrographic: the parenchyma ≈ +145–175 HU).
+#: * [N] Naruo K et al., Radiat Med 2007;25:106–112: portal-phase hepatic enhancement 56.2 ± 13.7 HU in
+#:   non-cirrhotic patients (100 mL of 300 mg I/mL).
+#: * [P] Pompe E et al., Eur Radiol 2015;25:283–289 (``POMPE_2015_INCREASE_HU`` of
+#:   :mod:`LumbarBMDLib.internal_calibration.phase`): L1 trabecular +13.5 HU arterial, +18.2 HU portal venous.
+#: * [D] the ranges :mod:`LumbarBMDLib.internal_calibration.phase` and ``tissues.py`` quote (portal venous: aorta
+#:   150–250 HU, portal vein 150–200 HU and the veins above half the aorta; equilibrium: aorta ≈ IVC ≈ 80–180 HU).
+#:
+#: Values (mid-range; unenhanced blood ≈ 40 HU, liver ≈ 58 HU on vendor A):
+#:
+#: * arterial (late arterial): aorta +300 ([G] 300–336, [R] 290–360 absolute), portal vein +90 ([G] 75–104; [R]
+#:   145 ± 20 absolute), infrarenal IVC +15 (not yet reached by the bolus; below [G]'s hepatic veins, 24–51:
+#:   **not a published figure**), liver +20 ([G], [R]), spleen +100 ([G]), kidney (cortex) +205 ([K]), bowel
+#:   wall +30 (**not verified**), spongiosa +13.5 ([P]);
+#: * portal venous: aorta +160 (≈ 200 HU, mid of [D]'s 150–250; [G]'s protocol gained only 117–125), portal vein
+#:   +135 (≈ 175 HU, mid of [D]'s 150–200), infrarenal IVC +110 (above half the aorta, [D]; **not a published
+#:   figure**), liver +60 ([G] 59–63, [N] 56), spleen +78 ([G] 73–82), kidney +160 ([K]), bowel wall +50
+#:   (**not verified**), spongiosa +18.2 ([P]);
+#: * delayed (equilibrium, 3–5 min): aorta +95, IVC +90, portal vein +90 (≈ 130–135 HU, mid of [D]'s 80–180 with
+#:   aorta ≈ IVC), liver +45, spleen +45, kidney +110, bowel wall +35 (**no verified publication found for the
+#:   delayed phase**: between the portal-venous values and baseline as the blood pool dilutes), spongiosa +18.2:
+#:   Pompe et al. scanned no delayed phase; the portal-venous value is used (the trabecular enhancement plateaus
+#:   after ≈ 40 s in the perfusion series of Eur Radiol Exp 2022;6:8, doi:10.1186/s41747-021-00259-5, which does not
+#:   report a delayed-phase figure).
+PUBLISHED_ENHANCEMENT_HU: dict[str, dict[str, float]] = {
+    "arterial": {"aorta": 300.0, "ivc": 15.0, "portal_vein": 90.0, "liver": 20.0, "spleen": 100.0, "kidney": 205.0,
+                 "bowel_wall": 30.0, "spongiosa": POMPE_2015_INCREASE_HU["arterial"]},
+    "portal_venous": {"aorta": 160.0, "ivc": 110.0, "portal_vein": 135.0, "liver": 60.0, "spleen": 78.0,
+                      "kidney": 160.0, "bowel_wall": 50.0, "spongiosa": POMPE_2015_INCREASE_HU["portal_venous"]},
+    "delayed": {"aorta": 95.0, "ivc": 90.0, "portal_vein": 90.0, "liver": 45.0, "spleen": 45.0, "kidney": 110.0,
+                "bowel_wall": 35.0, "spongiosa": POMPE_2015_INCREASE_HU["portal_venous"]},
+}
+ENHANCEMENT_SOURCES = {
+    "G": "MDCT of the liver and hypervascular HCCs: optimizing scan delays for bolus-tracking techniques of hepatic "
+         "arterial and portal venous phases. AJR 2006 (abstract)",
+    "R": "Radiopaedia, Late arterial phase (rev. 2023)",
+    "K": "Multi-detector row CT of the kidney: optimizing scan delays for bolus tracking. Eur J Radiol "
+         "2007;63:420-426",
+    "N": "Naruo K et al. Radiat Med 2007;25:106-112",
+    "P": POMPE_2015,
+}
+
+
+def iodine_mg_ml(phase: str) -> dict[str, float]:
+    """The published mean enhancement of ``phase`` as iodine concentration (mg I/mL) per compartment."""
+    if phase not in CONTRAST_PHASES:
+        raise ValueError(f"unknown contrast phase {phase!r}: choose one of {', '.join(CONTRAST_PHASES)}")
+    return {k: v / REFERENCE_IODINE_HU_PER_MG_ML for k, v in PUBLISHED_ENHANCEMENT_HU[phase].items()}
+
+
+@dataclass(frozen=True)
+class Enhancement:
+    """The contrast enhancement of one case.
+
+    Attributes:
+        phase: one of :data:`CONTRAST_PHASES`.
+        bolus_factor: the case's variation around the published mean (1.0 = the mean).
+        iodine_mg_ml: iodine concentration per compartment (published HU at 120 kVp / 26.6, × ``bolus_factor``).
+        hu_per_mg_ml: the scanner's iodine enhancement (HU per mg I/mL).
+    """
+
+    phase: str
+    bolus_factor: float
+    iodine_mg_ml: dict[str, float]
+    hu_per_mg_ml: float
+
+    @property
+    def hu(self) -> dict[str, float]:
+        """Enhancement (HU) per compartment on this scanner."""
+        return {k: v * self.hu_per_mg_ml for k, v in self.iodine_mg_ml.items()}
+
+    def as_json(self) -> dict:
+        """Plain dict (truth.json)."""
+        return {
+            "phase": self.phase,
+            "bolus_factor": round(self.bolus_factor, 4),
+            "scanner_iodine_hu_per_mg_ml": round(self.hu_per_mg_ml, 3),
+            "iodine_mg_ml": {k: round(v, 4) for k, v in self.iodine_mg_ml.items()},
+            "enhancement_hu": {k: round(v, 2) for k, v in self.hu.items()},
+            "published_enhancement_hu_120kvp": dict(PUBLISHED_ENHANCEMENT_HU[self.phase]),
+            "sources": dict(ENHANCEMENT_SOURCES),
+        }
+
+
+def contrast_enhancement(phase: str, scanner: ScannerProfile, rng: np.random.Generator | None = None
+                         ) -> Enhancement:
+    """The enhancement of ``phase`` on ``scanner``: published mean, × U(0.9, 1.1) drawn from ``rng`` when given."""
+    factor = 1.0 if rng is None else float(rng.uniform(1.0 - BOLUS_VARIATION, 1.0 + BOLUS_VARIATION))
+    iodine = {k: v * factor for k, v in iodine_mg_ml(phase).items()}
+    return Enhancement(phase, factor, iodine, float(scanner.iodine_hu_per_mg_ml))
+
+
+def _enhancement(variants: Variants, scanner: ScannerProfile, enhancement: Enhancement | None) -> Enhancement | None:
+    """The enhancement to paint: the one given, else the published mean of the variants' phase, else None."""
+    if enhancement is not None:
+        return enhancement
+    phase = variants.phase()
+    return None if phase is None else contrast_enhancement(phase, scanner)
 
 
 @dataclass
@@ -225,9 +371,16 @@ def _body_wall(x, y, bx, rx, ry, sub, table_top, fat, muscle, h) -> tuple:
 
 
 def render_soft_tissue(
-    patient: Patient, grid: Grid, scanner: ScannerProfile, variants: Variants, rng: np.random.Generator
+    patient: Patient, grid: Grid, scanner: ScannerProfile, variants: Variants, rng: np.random.Generator,
+    enhancement: Enhancement | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Axial soft tissue of the whole volume: float32 HU and uint8 tissue codes, shape ``(nz, ny, nx)``."""
+    """Axial soft tissue of the whole volume: float32 HU and uint8 tissue codes, shape ``(nz, ny, nx)``.
+
+    With a contrast phase (``enhancement``, else the published mean of ``variants``' phase) the aorta, IVC, liver,
+    spleen, kidneys and bowel get the unenhanced HU of ``scanner`` plus the phase's enhancement, and the portal vein
+    is drawn in the liver hilum (unenhanced it is blood against liver, 40 vs 58 HU, and is not drawn: unenhanced cases
+    stay as they were).
+    """
     nz, ny, nx = grid.shape
     h = min(grid.spacing[:2])
     x = (grid.origin[0] + grid.spacing[0] * np.arange(nx, dtype=np.float32))[None, :]
@@ -236,12 +389,15 @@ def render_soft_tissue(
     node_step = 6.0  # soft tissue changes slowly along z; bowel, vessels' wall and bone are drawn in 3-D
     nodes_z = np.arange(zc[0], zc[-1] + node_step, node_step)
     track_z, canal_xy, body_xy = _spine_track(patient)
-    c = variants.contrast
+    enh = _enhancement(variants, scanner, enhancement)
+    e = enh.hu if enh is not None else dict.fromkeys(ENHANCED_COMPARTMENTS, 0.0)
     fat, muscle = scanner.fat_hu, scanner.muscle_hu
-    blood = 280.0 if c else scanner.blood_hu
-    liver = 110.0 if c else scanner.liver_hu
-    kidney = 175.0 if c else scanner.kidney_hu
-    spleen = 120.0 if c else scanner.liver_hu - 10.0
+    blood = scanner.blood_hu + e["aorta"] if enh else scanner.blood_hu
+    ivc = scanner.blood_hu + e["ivc"] if enh else scanner.blood_hu
+    portal = scanner.blood_hu + e["portal_vein"] if enh else None
+    liver = scanner.liver_hu + e["liver"] if enh else scanner.liver_hu
+    kidney = scanner.kidney_hu + e["kidney"] if enh else scanner.kidney_hu
+    spleen = scanner.liver_hu - 10.0 + e["spleen"] if enh else scanner.liver_hu - 10.0
     z_l1, z_l2 = _level_z(patient, "L1"), _level_z(patient, "L2")
     z_l4, z_l5 = _level_z(patient, "L4"), _level_z(patient, "L5")
     kidney_z = {+1: 0.5 * (z_l1 + z_l2) + 10.0, -1: 0.5 * (z_l1 + z_l2) - 5.0}  # left (+x) higher
@@ -253,7 +409,7 @@ def render_soft_tissue(
     rho = float(np.exp(-node_step / 25.0))  # bowel pattern decorrelates over ~25 mm along z
     visceral_fat = float(rng.uniform(0.3, 0.65))  # fraction of the visceral cavity that is fat
     bowel_cut = float(np.quantile(rng.standard_normal(4000), visceral_fat))
-    bowel_hu = 85.0 if c else 28.0
+    bowel_hu = 28.0 + e["bowel_wall"] if enh else 28.0  # bowel and mesentery
     node_img = np.empty((len(nodes_z), ny, nx), np.float32)
     node_tis = np.empty((len(nodes_z), ny, nx), np.uint8)
     for n, z in enumerate(nodes_z):
@@ -298,6 +454,19 @@ def render_soft_tissue(
             f = np.sqrt(np.clip((z - z_l2) / 70.0, 0.0, 1.0))
             _ellipse2d(img, tis, x, y, bx - 0.42 * rx, -0.15 * ry, 0.42 * rx * f + 1, 0.6 * ry * f + 1, liver,
                        Tissue.ORGAN, h, inside=inner)
+            if portal is not None and z_l1 - 5.0 < z < z_l1 + 35.0:
+                # portal vein (Ø 14 mm) in the hilum, from L1 up towards T12, right of and in front of the IVC, in
+                # liver: the liver's medial part (caudate/quadrate lobes) reaches from its centre to the hilum
+                px, py = vx + PORTAL_VEIN_XY_MM[0], vy + PORTAL_VEIN_XY_MM[1]
+                lx, ly = bx - 0.42 * rx, -0.15 * ry
+                half = 0.5 * float(np.hypot(px - lx, py - ly))
+                _ellipse2d(img, tis, x, y, 0.5 * (px + lx), 0.5 * (py + ly), half + HILUM_HALF_WIDTH_MM,
+                           HILUM_HALF_WIDTH_MM, liver, Tissue.ORGAN, h, inside=inner,
+                           angle=float(np.arctan2(py - ly, px - lx)))
+                _ellipse2d(img, tis, x, y, px, py, HILUM_HALF_WIDTH_MM, HILUM_HALF_WIDTH_MM, liver, Tissue.ORGAN, h,
+                           inside=inner)
+                _ellipse2d(img, tis, x, y, px, py, PORTAL_VEIN_RADIUS_MM, PORTAL_VEIN_RADIUS_MM, portal, Tissue.BLOOD,
+                           h, inside=inner)
         if z > z_l1:
             f = np.sqrt(np.clip((z - z_l1) / 50.0, 0.0, 1.0))
             _ellipse2d(img, tis, x, y, bx + 0.55 * rx, 0.2 * ry, 0.18 * rx * f + 1, 0.3 * ry * f + 1, spleen,
@@ -321,8 +490,7 @@ def render_soft_tissue(
                 _ellipse2d(img, tis, x, y, vx + side * spread, vy - depth - 10.0, 6.5, 6.5, blood, Tissue.BLOOD, h,
                            inside=inner)
         if z > z_l5:
-            _ellipse2d(img, tis, x, y, vx - 22.0, vy - depth - 9.0, 13.0, 9.0, 160.0 if c else scanner.blood_hu,
-                       Tissue.BLOOD, h, inside=inner)
+            _ellipse2d(img, tis, x, y, vx - 22.0, vy - depth - 9.0, 13.0, 9.0, ivc, Tissue.BLOOD, h, inside=inner)
         node_img[n], node_tis[n] = img, tis
 
     hu = np.empty(grid.shape, np.float32)
@@ -351,12 +519,13 @@ def _frame_box(grid: Grid, frame: Frame, lo, hi) -> tuple[tuple[slice, slice, sl
 
 
 def render_bowel(hu, tissue, patient: Patient, grid: Grid, scanner: ScannerProfile, variants: Variants,
-                 rng: np.random.Generator) -> None:
-    """Small-bowel and colon loops: fluid- or gas-filled ellipsoids with a wall, in the anterior abdomen."""
+                 rng: np.random.Generator, enhancement: Enhancement | None = None) -> None:
+    """Small-bowel and colon loops: fluid- or gas-filled ellipsoids with a wall (enhanced with contrast)."""
     z_l1, z_lo = _level_z(patient, "L1"), grid.origin[2]
     body3 = patient.level("L3")
     ant_limit = body3.centre[1] - body3.depth / 2.0 - 25.0
-    wall_hu = 90.0 if variants.contrast else scanner.muscle_hu - 10.0
+    enh = _enhancement(variants, scanner, enhancement)
+    wall_hu = scanner.muscle_hu - 10.0 + enh.hu["bowel_wall"] if enh else scanner.muscle_hu - 10.0
     h = grid.voxel_mm
     y_lo = -0.8 * patient.body_ry + patient.subcut_fat_mm + 10.0
     y_hi = max(ant_limit, y_lo + 20.0)
@@ -402,10 +571,19 @@ def _trabecular_field(shape, spacing, rng, mean_hu: float, sd_hu: float) -> np.n
     return tex
 
 
-def trabecular_hu(v: Vertebra, scanner: ScannerProfile, contrast: bool) -> float:
-    """Mean HU of the vertebral body's spongiosa: calibration + marrow fat + contrast enhancement."""
+def trabecular_hu(v: Vertebra, scanner: ScannerProfile, contrast: Enhancement | bool | None = None) -> float:
+    """Mean HU of the vertebral body's spongiosa: calibration + marrow fat + contrast enhancement.
+
+    ``contrast``: the case's :class:`Enhancement` (its spongiosa enhancement is added), True (the published
+    portal-venous mean, Pompe et al. 2015, on this scanner), or False/None (unenhanced).
+    """
     marrow = -140.0 * (v.marrow_fat - 0.35)  # ≈ −1.4 HU per percentage point of fat around 35 %
-    return scanner.mineral_to_hu(v.bmd) + marrow + (CONTRAST_TRABECULAR_HU if contrast else 0.0)
+    base = scanner.mineral_to_hu(v.bmd) + marrow
+    if contrast is True:
+        contrast = contrast_enhancement("portal_venous", scanner)
+    if not contrast:
+        return base
+    return base + contrast.hu["spongiosa"]
 
 
 def _body_distance(u, v, w, vert: Vertebra) -> tuple[np.ndarray, np.ndarray]:
@@ -497,7 +675,7 @@ def _bone(hu, labels, tissue, box, d_outer, d_inner, cortical_hu, inner_hu, labe
 
 
 def render_vertebra(hu, labels, tissue, vert: Vertebra, grid: Grid, scanner: ScannerProfile, variants: Variants,
-                    rng: np.random.Generator) -> None:
+                    rng: np.random.Generator, enhancement: Enhancement | None = None) -> None:
     """One vertebra: body (cortex, endplates, textured spongiosa, basivertebral vein) and posterior elements."""
     h = grid.voxel_mm
     frame = Frame(vert.centre, vert.axes)
@@ -507,7 +685,7 @@ def render_vertebra(hu, labels, tissue, vert: Vertebra, grid: Grid, scanner: Sca
     if got is not None:
         box, (u, v, w) = got
         d, d_trab = _body_distance(u, v, w, vert)
-        mean = trabecular_hu(vert, scanner, variants.contrast)
+        mean = trabecular_hu(vert, scanner, _enhancement(variants, scanner, enhancement))
         sd = 10.0 + 12.0 * np.sqrt(max(vert.bmd, 10.0) / 150.0)
         field = _trabecular_field(hu[box].shape, grid.spacing, rng, mean, sd)
         vein = fraction(np.maximum(ellipse_distance(u, v - (b - 6.0), 3.0, 4.0), np.abs(w) - 3.0), h)
