@@ -132,8 +132,9 @@ def case_reference(folder: Path, table: dict[str, dict[str, float]]) -> dict[str
 
 
 def case_patches(folder: Path, reference: dict[str, float], jitter: int, jitter_mm: float,
-                 rng: np.random.Generator) -> PatchSet:
-    """Jittered patches of every level of one case that has a reference value (the first one unjittered)."""
+                 rng: np.random.Generator, hu_transform: tuple[float, float] = (1.0, 0.0)) -> PatchSet:
+    """Jittered patches of every level of one case that has a reference value (the first one unjittered);
+    ``hu_transform`` maps the HU first (onto a model's reference scale, :func:`refit_bmd_head`)."""
     ct_path = next(folder / n for n in CT_FILES if (folder / n).is_file())
     label_path = next(folder / n for n in LABEL_FILES if (folder / n).is_file())
     volume = read_ct(ct_path)
@@ -153,7 +154,7 @@ def case_patches(folder: Path, reference: dict[str, float], jitter: int, jitter_
         for j in range(jitter):
             shift = np.zeros(3) if j == 0 else rng.uniform(-jitter_mm, jitter_mm, 3)
             moved = LevelLocation(loc.level, True, "", loc.centre_lps + shift, loc.area_mm2, loc.index)
-            patch = trabecular_patch(volume, moved)
+            patch = trabecular_patch(volume, moved, hu_transform)
             if not patch.found:
                 if j == 0:
                     skipped.append((folder.name, loc.level, patch.reason))
@@ -168,7 +169,7 @@ def case_patches(folder: Path, reference: dict[str, float], jitter: int, jitter_
 
 def build_patch_set(folders: list[Path], table: dict[str, dict[str, float]], config: BMDTrainingConfig,
                     rng: np.random.Generator, jitter: int | None = None, progress: bool = False,
-                    role: str = "training") -> PatchSet:
+                    role: str = "training", hu_transform: tuple[float, float] = (1.0, 0.0)) -> PatchSet:
     """:func:`case_patches` over ``folders``, concatenated (``role``: "training" or "validation", for the sentence
     when no case has a usable reference)."""
     from tqdm import tqdm
@@ -177,7 +178,8 @@ def build_patch_set(folders: list[Path], table: dict[str, dict[str, float]], con
     for folder in tqdm(folders, desc="patches", unit="case", disable=not progress, leave=False):
         ref = case_reference(folder, table)
         if ref:
-            sets.append(case_patches(folder, ref, config.jitter if jitter is None else jitter, config.jitter_mm, rng))
+            sets.append(case_patches(folder, ref, config.jitter if jitter is None else jitter, config.jitter_mm, rng,
+                                     hu_transform))
     if not sets:
         raise LumbarBMDError(f"no usable reference BMD values for any {role} case (bmd_reference.csv or "
                              "truth.json): every value is missing, so there is nothing to train on")
@@ -344,6 +346,119 @@ def train_bmd(data_dir: str | Path, out_dir: str | Path, config: BMDTrainingConf
     path = out_dir / "regression.safetensors"
     # float16 storage halves the file (28 → 14 MB); loading casts back to float32 (< 0.01 mg/cm³ change, measured)
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_tensors(half, path, {"architecture": card["architecture"], "storage": "float16"})
+    card["sha256"] = sha256_of(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=1), encoding="utf-8")
+    tmp.replace(path.with_suffix(".json"))
+    return card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Re-fitting the regression head to another scanner's cohort (the backbone kept)
+
+#: Ridge penalties tried for the head (× the number of training patches), the one with the lowest validation RMSE
+#: is kept; the unregularised end reproduces least squares, the strong end keeps the head near zero.
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@torch.no_grad()
+def penultimate_features(network: torch.nn.Module, images: np.ndarray, device: torch.device,
+                         batch: int = 256) -> np.ndarray:
+    """The DenseNet-121's pooled features in front of its output layer: ``(N, 1024)`` float64 for ``images``
+    ``(N, 3, 32, 32)`` (the network in eval mode)."""
+    network.eval()
+    head = network.class_layers[:-1]  # ReLU, global average pooling, flatten (MONAI DenseNet)
+    out = [head(network.features(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(device)))
+           .double().cpu().numpy() for i in range(0, len(images), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 1024))
+
+
+def ridge_head(features: np.ndarray, targets: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """``(weights (1024,), bias)`` minimising Σ (f·w + b − y)² + α |w|² (the bias not penalised)."""
+    mean_f, mean_y = features.mean(axis=0), float(targets.mean())
+    fc = features - mean_f
+    w = np.linalg.solve(fc.T @ fc + alpha * np.eye(fc.shape[1]), fc.T @ (targets - mean_y))
+    return w, mean_y - float(mean_f @ w)
+
+
+def refit_bmd_head(data_dir: str | Path, out_dir: str | Path, init: str | Path | None = None,
+                   calibration: str | Path | None = None, config: BMDTrainingConfig | None = None,
+                   progress: bool = True) -> dict:
+    """Re-fit only the output layer of a trained BMD model to the cases under ``data_dir`` (ridge regression on the
+    frozen DenseNet features); write ``out_dir/regression.safetensors`` + ``.json``.
+
+    Why: when the training scanner's images change in ways a calibration does not carry (the texture, noise and
+    marrow-fat contrast scale with the HU map), the backbone's features still hold the trabecular information and a
+    linear head re-fitted on the new images removes the systematic part, at a fraction of a training run's cost.
+
+    Args:
+        data_dir: case folders as for :func:`train_bmd` (contrast cases give no reference).
+        out_dir: where the model goes.
+        init: the model whose backbone is kept (default: the shipped model). Its reference scale is kept.
+        calibration: the phantom-scan calibration (``lumbarbmd calibrate``) of the scanner of ``data_dir``; its HU
+            are mapped onto ``init``'s reference scale before the patches, as at inference. None: identity.
+        config: ``jitter``, ``jitter_mm``, ``val_fraction``, ``seed``, ``device`` are used.
+
+    Returns the model card; it records the validation RMSE and bias of ``init``'s own head next to the new one's.
+    """
+    from LumbarBMDLib.regression import RegressionModel
+
+    config = config or BMDTrainingConfig()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    base = RegressionModel.load(init, device=config.device)
+    reference = base.card.get("reference_calibration")
+    cal = read_calibration(calibration) if calibration else None
+    if cal is not None and not reference:
+        raise LumbarBMDError(f"the model {init or 'shipped'} has no reference calibration to map {calibration} onto")
+    transform = cal.to_reference(type(cal).from_json(reference)) if cal is not None else (1.0, 0.0)
+    folders = find_bmd_cases(data_dir)
+    table = read_reference(data_dir)
+    train_dirs, val_dirs = split_cases(folders, config.val_fraction, config.seed)
+    rng = np.random.default_rng(config.seed + 1)
+    train = build_patch_set(train_dirs, table, config, rng, progress=progress, hu_transform=transform)
+    val = build_patch_set(val_dirs, table, config, rng, jitter=1, role="validation", hu_transform=transform) \
+        if val_dirs else train
+    check_patch_sets(train, val, data_dir)
+    f_train = penultimate_features(base.network, train.images, base.device)
+    f_val = penultimate_features(base.network, val.images, base.device)
+    y = (train.bmd.astype(np.float64) - BMD_CENTRE) / BMD_SCALE
+    out_layer = base.network.class_layers[-1]
+
+    def val_error(w: np.ndarray, b: float) -> tuple[float, float]:
+        err = (f_val @ w + b) * BMD_SCALE + BMD_CENTRE - val.bmd
+        return float(np.sqrt(np.mean(err ** 2))), float(np.mean(err))
+
+    w0 = out_layer.weight.detach().double().cpu().numpy()[0]
+    b0 = float(out_layer.bias.detach().double().cpu().numpy()[0])
+    before = val_error(w0, b0)
+    trials = []
+    for alpha in RIDGE_GRID:
+        w, b = ridge_head(f_train, y, alpha * len(y))
+        trials.append((val_error(w, b), alpha, w, b))
+    (rmse, bias), alpha, w, b = min(trials, key=lambda t: t[0][0])
+    with torch.no_grad():
+        out_layer.weight.copy_(torch.from_numpy(w[None, :]).to(out_layer.weight))
+        out_layer.bias.copy_(torch.tensor([b]).to(out_layer.bias))
+    vendors = sorted({str(read_json_object(f / "truth.json", "reference file").get("vendor") or "")
+                      for f in train_dirs if (f / "truth.json").is_file()} - {""})
+    card = {k: v for k, v in base.card.items() if k not in ("sha256", "metrics", "training")}
+    card["training"] = {
+        "method": "output layer re-fitted by ridge regression on the frozen DenseNet-121 features "
+                  "(LumbarBMDLib.bmd_training.refit_bmd_head); backbone from the initial model",
+        "initial_model_sha256": base.sha256, "initial_training": base.card.get("training"),
+        "data": str(data_dir.resolve()), "cases_train": len(train_dirs), "cases_validation": len(val_dirs),
+        "patches_train": len(train.bmd), "levels_skipped": len(train.skipped), "vendors": vendors,
+        "hu_transform": [round(transform[0], 6), round(transform[1], 4)],
+        "calibration": None if cal is None else cal.as_json(), "ridge_alpha_per_patch": alpha,
+        "config": asdict(config)}
+    card["metrics"] = {"validation_rmse_mg_cm3": rmse, "validation_bias_mg_cm3": bias,
+                       "initial_head_validation_rmse_mg_cm3": before[0],
+                       "initial_head_validation_bias_mg_cm3": before[1],
+                       "ridge_trials": [{"alpha_per_patch": a, "rmse": e[0], "bias": e[1]} for e, a, _, _ in trials]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "regression.safetensors"
+    half = {k: v.half() if v.is_floating_point() else v for k, v in base.network.state_dict().items()}
     save_tensors(half, path, {"architecture": card["architecture"], "storage": "float16"})
     card["sha256"] = sha256_of(path)
     tmp = path.with_suffix(".json.tmp")

@@ -29,11 +29,17 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     if args.scanner:
         from LumbarBMDLib.phantom.physical_scanner import as_physics, scanner_vendor
 
-        if args.calibration_scan:
-            raise LumbarBMDError("--calibration-scan is not available with --scanner yet (only for vendors A, B, C)")
         physics = as_physics(args.scanner)  # a bad file is a one-sentence ScannerSpecError
         csv_path = generate_cohort(args.out, cases=args.cases, seed=args.seed, size=args.size, variant=args.variant,
                                    progress=not args.quiet, scanner=physics)
+        if args.calibration_scan:
+            from LumbarBMDLib.phantom.calibration_scan import calibration_scan
+            from LumbarBMDLib.phantom.physical_scanner import case_prefix, profile_from_physics
+            from LumbarBMDLib.volume import write_volume
+
+            path = write_volume(calibration_scan(profile_from_physics(physics)),
+                                Path(args.out) / f"calibration_{case_prefix(physics)}.nii.gz", np.int16)
+            print(f"calibration-phantom scan of scanner {scanner_vendor(physics)}: {path}")
         print(f"wrote {args.cases} case(s) on scanner {scanner_vendor(physics)} to {Path(args.out).resolve()} "
               f"(cohort table: {csv_path})")
         return 0
@@ -228,6 +234,20 @@ def cmd_train_bmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refit_bmd_head(args: argparse.Namespace) -> int:
+    """Re-fit the BMD model's output layer to a new cohort (the DenseNet backbone kept)."""
+    from LumbarBMDLib.bmd_training import BMDTrainingConfig, refit_bmd_head
+
+    config = BMDTrainingConfig(jitter=args.jitter, val_fraction=args.val_fraction, seed=args.seed, device=args.device)
+    card = refit_bmd_head(args.data, args.out, args.init, args.calibration, config, progress=not args.quiet)
+    m = card["metrics"]
+    print(f"validation RMSE {m['validation_rmse_mg_cm3']:.2f} mg/cm³ (bias {m['validation_bias_mg_cm3']:+.2f}); the "
+          f"initial head: {m['initial_head_validation_rmse_mg_cm3']:.2f} "
+          f"(bias {m['initial_head_validation_bias_mg_cm3']:+.2f})")
+    print(f"model: {Path(args.out).resolve() / 'regression.safetensors'} (sha256 {card['sha256'][:16]}...)")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit a scanner's mineral calibration from a scan of the K2HPO4 calibration phantom."""
     from LumbarBMDLib.calibration import fit_calibration, write_calibration
@@ -375,6 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.safetensors")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_bmd)
+
+    p = sub.add_parser("refit-bmd-head", help="re-fit the BMD model's output layer to a new cohort (ridge on the "
+                       "frozen DenseNet-121 features)")
+    p.add_argument("data", help="case folders as for train-bmd")
+    p.add_argument("--out", required=True, help="output folder (regression.safetensors + .json)")
+    p.add_argument("--init", help="the model whose backbone is kept (default: the shipped model)")
+    p.add_argument("--calibration", help="calibration JSON (lumbarbmd calibrate) of DATA's scanner: its HU are mapped "
+                   "onto the initial model's reference scale first, as at inference")
+    p.add_argument("--jitter", type=int, default=8, help="patches per level around jittered centres (default 8)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_refit_bmd_head)
 
     p = sub.add_parser("calibrate", help="fit a scanner's BMD calibration from a K2HPO4 calibration-phantom scan")
     p.add_argument("scan", help="CT of the calibration phantom (file or DICOM folder)")

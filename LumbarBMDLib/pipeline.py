@@ -18,7 +18,7 @@ from LumbarBMDLib import __version__
 from LumbarBMDLib._compat import zip_strict
 from LumbarBMDLib.annotation import Annotation, prepare
 from LumbarBMDLib.calibration import ScannerCalibration
-from LumbarBMDLib.internal_calibration.assess import ScannerAssessment, assess_scanner
+from LumbarBMDLib.internal_calibration.assess import AppliedCalibration, ScannerAssessment, assess_scanner
 from LumbarBMDLib.localisation import LevelLocation, level_centres, locate_in_ct
 from LumbarBMDLib.patches import TrabecularPatch, trabecular_patches
 from LumbarBMDLib.regression import LevelBMD, RegressionModel, patient_bmd, predict_bmd
@@ -41,15 +41,18 @@ class CaseResult:
         label_geometry: its single-slice sagittal grid.
         locations / patches / levels: per level L1..L4, in order.
         mean_bmd_mg_cm3 / category: the patient's value (mean of the measured levels); NaN / "" when none.
-        hu_transform: the (a, b) applied to the HU before the patches (scanner calibration; identity if none).
-        calibration: the scanner calibration used, if any.
+        hu_transform: the (a, b) applied to the HU before the patches (calibration onto the regression model's
+            reference scale and contrast correction, :attr:`applied`).
+        calibration: the phantom-scan calibration given (``--calibration``), if any.
         timings_s: seconds per stage.
         numbering_anchor: what fixes the level numbering: "T12", "sacrum" or "T12 and sacrum" seen on the CT, None
             when neither is (then no level is measured), "edited labels" when a person drew the labels.
         anatomical: the network's segmentation renumbered by the chain (None when labels were given).
         qc_flags: quality-control flags of the case (transitional anatomy, uncertain identification, …).
-        scanner: reference tissues, contrast phase and internal calibration (recorded, not applied; see
-            :mod:`LumbarBMDLib.internal_calibration.assess`); None when not assessed.
+        scanner: reference tissues, contrast phase and internal calibration
+            (:mod:`LumbarBMDLib.internal_calibration.assess`); None when not assessed.
+        applied: the calibration and contrast correction that made :attr:`hu_transform` (None: not assessed, the
+            phantom calibration or identity only).
     """
 
     annotation: Annotation
@@ -68,6 +71,7 @@ class CaseResult:
     anatomical: AnatomicalSegmentation | None = None
     qc_flags: list[QCFlag] = field(default_factory=list)
     scanner: ScannerAssessment | None = None
+    applied: AppliedCalibration | None = None
 
     @property
     def spine(self):
@@ -81,12 +85,26 @@ class CaseResult:
         return "ok" if n == 4 else ("partial" if n else "failed")
 
 
-def hu_transform_for(bmd_model: RegressionModel, calibration: ScannerCalibration | None) -> tuple[float, float]:
-    """(a, b) mapping this scanner's HU onto the regression model's reference scanner (identity without both)."""
+def reference_scale(bmd_model: RegressionModel) -> ScannerCalibration | None:
+    """The regression model's reference scale (its training scanner's K2HPO4 line), None when its card has none."""
     reference = bmd_model.card.get("reference_calibration")
-    if calibration is None or not reference:
-        return 1.0, 0.0
-    return calibration.to_reference(ScannerCalibration.from_json(reference))
+    return ScannerCalibration.from_json(reference) if reference else None
+
+
+def hu_transform_for(bmd_model: RegressionModel, calibration: ScannerCalibration | None,
+                     scanner: ScannerAssessment | None = None) -> tuple[tuple[float, float], AppliedCalibration | None]:
+    """``((a, b), applied)``: the map of this case's HU onto the regression model's reference scale.
+
+    With the case's ``scanner`` assessment: its chosen calibration (phantom scan, internal or nominal) and contrast
+    correction (:meth:`ScannerAssessment.applied`). Without it: the phantom-scan ``calibration`` alone, identity
+    without one (or when the model has no reference scale)."""
+    reference = reference_scale(bmd_model)
+    if scanner is not None:
+        applied = scanner.applied(reference)
+        return applied.hu_transform, applied
+    if calibration is None or reference is None:
+        return (1.0, 0.0), None
+    return calibration.to_reference(reference), None
 
 
 def regress_locations(annotation: Annotation, locations: list[LevelLocation], bmd_model: RegressionModel,
@@ -136,17 +154,17 @@ def measure(volume: CTVolume, seg_model: SegmentationModel, bmd_model: Regressio
     _report(progress, "regress")
     anatomical = anatomical_labels(seg.probabilities, seg.geometry, annotation.spine, annotation.images.annotation_hu)
     locations = _locations(anatomical, annotation, annotation.volume)
-    transform = hu_transform_for(bmd_model, calibration)
+    scanner = assess_scanner(annotation.volume, identified_body_centres(annotation.spine), calibration)
+    transform, applied = hu_transform_for(bmd_model, calibration, scanner)
     patches, levels, times = regress_locations(annotation, locations, bmd_model, transform)
     mean, category = patient_bmd(levels)
-    scanner = assess_scanner(annotation.volume, identified_body_centres(annotation.spine), calibration)
     timings = {"canal": annotation.timings_s["canal"], "spine": annotation.timings_s["spine"],
                "sagittal": annotation.timings_s["sagittal"], "segment": t2 - t1, **times,
                "scanner": scanner.seconds, "total": time.perf_counter() - t0}
     return CaseResult(annotation, seg, anatomical.labels, anatomical.geometry, locations, patches, levels, mean,
                       category, transform, calibration, timings, annotation.spine.anchor, anatomical,
                       case_flags(annotation.spine, anatomical, annotation.volume.metadata) + scanner.qc_flags(),
-                      scanner)
+                      scanner, applied)
 
 
 def identified_body_centres(ident) -> np.ndarray | None:
@@ -231,7 +249,9 @@ def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: Sa
     The person's labels are measured as drawn; they are checked against the vertebral chain: two levels drawn on one
     vertebra are not measured, and a level drawn on a vertebra that the anatomy numbers differently is flagged.
     """
-    transform = hu_transform_for(bmd_model, calibration)
+    if scanner is not None:
+        scanner = scanner.with_phantom(calibration)  # the calibration given now wins (or is withdrawn)
+    transform, applied = hu_transform_for(bmd_model, calibration, scanner)
     labels = np.asarray(labels, np.uint8)
     centres = level_centres(labels, geometry)
     checked, flags = edited_levels(labels, geometry, annotation.spine, centres)
@@ -240,7 +260,18 @@ def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: Sa
     mean, category = patient_bmd(levels)
     flags += scanner.qc_flags() if scanner is not None else []
     return CaseResult(annotation, None, labels, geometry, locations, patches, levels, mean,
-                      category, transform, calibration, times, qc_flags=flags, scanner=scanner)
+                      category, transform, calibration, times, qc_flags=flags, scanner=scanner, applied=applied)
+
+
+def _calibration_json(result: CaseResult) -> dict | None:
+    """results.json ``calibration``: what mapped the HU onto the model's reference scale (None: nothing did)."""
+    if result.applied is not None:
+        return {**result.applied.as_json(), "phantom_scan": None if result.calibration is None else {
+            "slope": result.calibration.slope, "intercept": result.calibration.intercept}}
+    if result.calibration is None:
+        return None
+    return {"source": "phantom", "slope": result.calibration.slope, "intercept": result.calibration.intercept,
+            "hu_transform": [round(v, 5) for v in result.hu_transform]}
 
 
 def failure_message(levels: list[LevelBMD], refusal: str | None = None) -> str:
@@ -306,9 +337,7 @@ def results_json(result: CaseResult, source: str, seg_model: SegmentationModel |
                   "sagittal_x_lps": round(result.label_geometry.sagittal_x_lps, 3),
                   "slices_found": len(canal.slice_indices),
                   "slices_enclosed_by_bone": int(np.sum(canal.enclosed))},
-        "calibration": None if result.calibration is None else {
-            "slope": result.calibration.slope, "intercept": result.calibration.intercept,
-            "hu_transform": [round(v, 5) for v in result.hu_transform]},
+        "calibration": _calibration_json(result),
         "scanner": None if result.scanner is None else result.scanner.as_json(),
         "timings_s": {k: round(v, 3) for k, v in {**result.timings_s, **(timings or {})}.items()},
         "models": {"segmentation": seg_model.sha256 if seg_model else None, "regression": bmd_model.sha256},

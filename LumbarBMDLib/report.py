@@ -1,7 +1,8 @@
 """The per-case HTML report: one self-contained file (images embedded as PNG data URIs) for the radiologist.
 
 Contents: the patient's mean BMD and category, prominently; the BMD table per level with colour-coded categories;
-QC flags (missing levels, low segmentation confidence, metal, no scanner calibration, contrast warning); the
+QC flags (missing levels, low segmentation confidence, metal, no scanner calibration, contrast warning), the
+scanner calibration applied and the contrast phase; the
 sagittal image with the coloured L1–L4 overlay; the axial slice of each measured level with its trabecular patch
 outlined; the models' versions (sha256) and the disclaimer that the default models were trained on synthetic data.
 """
@@ -151,9 +152,36 @@ def qc_flags(results: dict) -> list[str]:
         elif v.get("confidence") is not None and v["confidence"] < LOW_CONFIDENCE:
             flags.append(f"{v['level']}: low segmentation confidence ({v['confidence']:.2f}): check the label")
     if results.get("calibration") is None:
-        flags.append("no scanner calibration given: values assume the training scanner's HU scale "
+        flags.append("no scanner calibration: values assume the training scanner's HU scale "
                      "(other scanners can differ by several mg/cm³; see 'lumbarbmd calibrate')")
     return flags
+
+
+def scanner_lines(results: dict) -> list[str]:
+    """The report's "Scanner calibration and contrast" lines from results.json: the calibration applied, the
+    internal fit, the contrast phase and the patient's water-equivalent diameter (empty when not assessed)."""
+    lines = []
+    cal = results.get("calibration") or {}
+    if cal.get("sentence"):
+        lines.append(cal["sentence"])
+    elif cal:
+        lines.append(f"Calibration: phantom scan, HU = {cal['intercept']:+.1f} + {cal['slope']:.3f} × BMD.")
+    scanner = results.get("scanner") or {}
+    fit = scanner.get("internal_calibration") or {}
+    if fit.get("message"):
+        lines.append("Internal calibration (reference tissues): " + fit["message"])
+    phase = scanner.get("contrast_phase") or {}
+    if phase:
+        corr = (scanner.get("contrast_correction") or {}).get("sentence", "")
+        lines.append(f"Contrast phase: {str(phase.get('phase', 'unknown')).replace('_', ' ')} "
+                     f"({phase.get('evidence', '')})" + (f"; {corr}" if corr else "") + ".")
+    wed = (scanner.get("tissues") or {}).get("water_equivalent_diameter_cm")
+    kvp = scanner.get("kvp")
+    if wed is not None or kvp is not None:
+        lines.append("Scan: " + ", ".join(x for x in (f"{kvp:g} kVp (DICOM)" if kvp is not None else "no DICOM kVp",
+                                                       f"water-equivalent diameter {wed:.1f} cm" if wed is not None
+                                                       else "") if x) + ".")
+    return lines
 
 
 def _rgb(category: str | None) -> tuple[int, int, int]:
@@ -202,6 +230,7 @@ def render_report(results: dict, result) -> str:
                         f"{esc(v.get('reason', 'not measured'))}</td><td>{ident}</td></tr>")
     flags = qc_flags(results)
     flag_html = "".join(f"<li>{esc(f)}</li>" for f in flags) or "<li>none</li>"
+    scanner_html = "".join(f"<li>{esc(line)}</li>" for line in scanner_lines(results)) or "<li>not assessed</li>"
     headline = (f"<div class=headline style='border-color:{_colour(category)}'>"
                 f"<div class=big>{mean:.1f} mg/cm³</div><div class=cat2 style='{_badge(category)}'>"
                 f"{esc(category)}</div><div>mean of {sum(v['found'] for v in results['vertebrae'])} measured "
@@ -222,6 +251,7 @@ LumbarBMD {esc(results['version'])}</div>
 <p style="font-size:13px;color:#555">Categories (ACR/ISCD spine QCT): &lt; 80 osteoporosis,
 80–120 osteopenia, &gt; 120 normal.</p>
 <h2 style="font-size:16px">Quality control</h2><ul class=flags>{flag_html}</ul>
+<h2 style="font-size:16px">Scanner calibration and contrast</h2><ul class=scanner>{scanner_html}</ul>
 <div class=row><img alt="sagittal L1-L4" src="{sagittal_figure(result)}" style="max-width:420px">
 <img alt="vertebral chain and anchors" src="{chain_figure(result)}" style="max-width:560px"></div>
 <div class=row><img alt="axial patches" src="{axial_figure(result)}" style="max-width:1050px"></div>

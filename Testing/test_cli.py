@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from LumbarBMDLib.phantom.scanner import SCANNERS
 from LumbarBMDLib.volume import read_ct
 
 
@@ -137,7 +138,9 @@ def test_calibrate_command_on_a_calibration_phantom_scan(tmp_path):
     out = run_cli("calibrate", str(scan), "--out", str(tmp_path / "scanner_B.json"))
     assert out.returncode == 0, out.stderr
     cal = json.loads((tmp_path / "scanner_B.json").read_text(encoding="utf-8"))
-    assert abs(cal["slope"] - 0.95) < 0.01 and abs(cal["intercept"] - 14.0) < 1.5 and len(cal["rods"]) == 5
+    b = SCANNERS["B"]
+    assert abs(cal["slope"] - b.bone_slope) < 0.01 and abs(cal["intercept"] - b.bone_intercept) < 1.5
+    assert len(cal["rods"]) == 5
     out = run_cli("calibrate", str(tmp_path / "c" / "B_000005" / "ct.nii.gz"), "--out", str(tmp_path / "x.json"))
     assert out.returncode == 1 and out.stderr.startswith("lumbarbmd: error:") and not (tmp_path / "x.json").exists()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from LumbarBMDLib.internal_calibration.assess import iodine_scale_to_120kvp
 from LumbarBMDLib.internal_calibration.phase import POMPE_2015_INCREASE_HU, contrast_phase
 from LumbarBMDLib.internal_calibration.tissues import find_reference_tissues
 from LumbarBMDLib.phantom import CONTRAST_VARIANTS, generate_case, make_variants
@@ -72,8 +73,8 @@ def test_painted_vessels_match_the_phase(enhanced) -> None:
 
 def test_detector_reads_the_phase(enhanced) -> None:
     """(b) the detector (its published thresholds, not tuned to the phantom) reads the phase painted."""
-    phase, _, tissues = enhanced
-    p = contrast_phase(tissues)
+    phase, case, tissues = enhanced
+    p = contrast_phase(tissues, iodine_scale_to_120kvp(case.ct.metadata["kvp"]))
     assert p.phase == phase and p.enhanced is True, p.evidence
 
 

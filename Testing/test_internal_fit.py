@@ -289,7 +289,7 @@ def test_reference_scale_matches_scanner_calibration(row120):
     assert cal.to_reference_scale(100.0, ref) == pytest.approx(float(mapped[1]))
 
 
-def test_choose_calibration_phantom_wins_then_internal_then_none(row120):
+def test_choose_calibration_phantom_wins_then_internal_then_nominal(row120):
     good = fit.fit_scanner_response(exact_tissues(row120), kvp=120)
     poor = fit.fit_scanner_response(exact_tissues(row120), kvp=120, metal=True)
     phantom = ScannerCalibration(1.2, -3.0)
@@ -297,9 +297,21 @@ def test_choose_calibration_phantom_wins_then_internal_then_none(row120):
     assert c.source == "phantom" and c.slope == 1.2 and "not used" in c.sentence
     c = fit.choose_calibration(None, good)
     assert c.source == "internal" and c.slope == pytest.approx(good.slope)
-    c = fit.choose_calibration(None, poor)
-    assert c.source == "none" and c.slope is None and "Metal" in c.sentence
-    assert "no internal fit" in fit.choose_calibration(None, None).sentence
+    c = fit.choose_calibration(None, poor, kvp=120)
+    slope, intercept, e = fit.nominal_line(120)
+    assert c.source == "nominal" and "Metal" in c.sentence and "120 kVp" in c.sentence
+    assert (c.slope, c.intercept, c.effective_energy_kev) == (slope, intercept, e) and intercept == 0.0
+    assert "no reference tissue" in fit.choose_calibration(None, None).sentence
+
+
+def test_nominal_line_follows_the_tube_voltage():
+    """Softer beams read mineral higher: the nominal K2HPO4 slope falls as the kVp rises, and a larger patient
+    (harder beam) lowers it; without a kVp the nominal scanner is 120 kVp."""
+    slopes = [fit.nominal_line(k)[0] for k in (80, 100, 120, 140)]
+    assert all(a > b for a, b in zip(slopes, slopes[1:])), slopes
+    assert fit.nominal_line(None) == fit.nominal_line(120)
+    assert fit.nominal_line(120, patient_water_cm=40)[0] < fit.nominal_line(120, patient_water_cm=20)[0]
+    assert 1.2 < fit.nominal_line(120)[0] < 1.5  # K2HPO4 at 120 kVp (test_physics.py)
 
 
 def test_fit_is_fast(row120):

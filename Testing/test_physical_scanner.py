@@ -24,27 +24,34 @@ from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.phantom import physics as ph
 from LumbarBMDLib.phantom.physical_scanner import case_prefix, noise_key, profile_from_physics, scanner_vendor
 from LumbarBMDLib.phantom.render import Tissue
-from LumbarBMDLib.phantom.scanner import SCANNERS, scanner_profile
+from LumbarBMDLib.phantom.scanner import SCANNERS, VENDOR_EFFECTIVE_ENERGY_KEV, VENDOR_PHYSICS, scanner_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 11
 LEVELS = ("L1", "L2", "L3", "L4")
 
-# the literal values of vendors A, B, C before issue 15 (the default models were trained on A): unchanged
-ABC_LITERAL = {
-    "A": (1.10, 5.0, -100.0, 52.0, 40.0, 58.0, 32.0, 8.0, 84.0, 11.0, 0.45, 1.0),
-    "B": (0.95, 14.0, -92.0, 55.0, 42.0, 60.0, 34.0, 10.0, 88.0, 15.0, 0.35, 1.25),
-    "C": (1.22, -10.0, -108.0, 50.0, 38.0, 55.0, 30.0, 6.0, 82.0, 18.0, 0.6, 1.5),
-}
 FIELDS = ("bone_slope", "bone_intercept", "fat_hu", "muscle_hu", "blood_hu", "liver_hu", "kidney_hu", "csf_hu",
-          "disc_hu", "noise_sd", "psf_mm", "slice_fwhm_mm")
+          "disc_hu", "noise_sd", "psf_mm", "slice_fwhm_mm", "iodine_hu_per_mg_ml")
 
 
-def test_vendors_abc_are_unchanged():
-    for vendor, values in ABC_LITERAL.items():
-        prof = scanner_profile(vendor)
-        assert prof is SCANNERS[vendor] and prof.vendor == vendor
-        assert tuple(getattr(prof, f) for f in FIELDS) == values, vendor
+@pytest.mark.parametrize("vendor", ["A", "B", "C"])
+def test_vendors_abc_are_their_physics(vendor):
+    """The numbers written in scanner.py are what the physics of VENDOR_PHYSICS derives (no drift either way)."""
+    prof = scanner_profile(vendor)
+    assert prof is SCANNERS[vendor] and prof.vendor == vendor
+    derived = profile_from_physics(VENDOR_PHYSICS[vendor], vendor)
+    for f in FIELDS:
+        tol = 2e-4 if f == "bone_slope" else 0.011
+        assert getattr(prof, f) == pytest.approx(getattr(derived, f), abs=tol), (vendor, f)
+    assert ph.effective_energy_kev(VENDOR_PHYSICS[vendor]) == pytest.approx(VENDOR_EFFECTIVE_ENERGY_KEV[vendor],
+                                                                              abs=0.01)
+
+
+def test_vendor_spectra_order_the_mineral_slope():
+    """Softer beam (C, 100 kVp) > A (120 kVp) > harder beam (B, 135 kVp + Cu): the K2HPO4 slope and iodine."""
+    for f in ("bone_slope", "iodine_hu_per_mg_ml"):
+        assert getattr(SCANNERS["C"], f) > getattr(SCANNERS["A"], f) > getattr(SCANNERS["B"], f), f
+    assert SCANNERS["C"].fat_hu < SCANNERS["A"].fat_hu < SCANNERS["B"].fat_hu
 
 
 def test_phantom_without_scanner_does_not_import_the_extra():

@@ -145,3 +145,38 @@ def test_calibration_errors(small_case, tmp_path):
         read_calibration(tmp_path / "bad.json")
     with pytest.raises(LumbarBMDError):  # a patient CT is not the calibration phantom
         fit_calibration(small_case.ct)
+
+
+def test_head_refit_changes_only_the_output_layer_and_fits_the_new_cohort(data, tmp_path):
+    """refit_bmd_head on a vendor-B cohort mapped through B's phantom-scan calibration: the backbone's tensors are
+    the shipped model's bit for bit, the output layer is new, the model loads and is verified, the card records the
+    initial head's validation error next to the new one, the calibration and the HU map; on its own training
+    patches the re-fitted head is at least as close as the shipped head (ridge at the smallest penalty contains it)."""
+    from LumbarBMDLib.bmd_training import penultimate_features, refit_bmd_head, ridge_head
+
+    root = tmp_path / "b"
+    generate_cohort(root, cases=4, seed=810, vendor="B", size="small", progress=False)
+    cal_path = write_calibration(fit_calibration(calibration_scan("B")), tmp_path / "b.json")
+    card = refit_bmd_head(root, tmp_path / "m", calibration=cal_path,
+                          config=BMDTrainingConfig(jitter=3, device="cpu"), progress=False)
+    base = RegressionModel.load(device="cpu")
+    new = RegressionModel.load(tmp_path / "m" / "regression.safetensors", device="cpu")
+    assert new.verified and new.card["reference_calibration"] == base.card["reference_calibration"]
+    a, b = card["training"]["hu_transform"]
+    ref = ScannerCalibration.from_json(base.card["reference_calibration"])
+    assert a == pytest.approx(ref.slope / SCANNERS["B"].bone_slope, rel=0.01)
+    old_sd, new_sd = base.network.state_dict(), new.network.state_dict()
+    changed = {k for k in old_sd if not torch.equal(old_sd[k], new_sd[k])}
+    assert changed == {"class_layers.out.weight", "class_layers.out.bias"}
+    m = card["metrics"]
+    assert np.isfinite(m["validation_rmse_mg_cm3"]) and np.isfinite(m["initial_head_validation_rmse_mg_cm3"])
+    assert len(m["ridge_trials"]) >= 3 and card["training"]["initial_model_sha256"] == base.sha256
+    # the least-squares property on the training patches, in float64 features
+    cases = find_bmd_cases(root)
+    patches = build_patch_set(cases, {}, BMDTrainingConfig(jitter=2), np.random.default_rng(3), hu_transform=(a, b))
+    f = penultimate_features(base.network, patches.images, torch.device("cpu"))
+    y = (patches.bmd - 110.0) / 50.0
+    w, c = ridge_head(f, y, 1e-9 * len(y))
+    out = base.network.class_layers.out
+    w0, c0 = out.weight.detach().double().numpy()[0], float(out.bias.detach())
+    assert np.mean((f @ w + c - y) ** 2) <= np.mean((f @ w0 + c0 - y) ** 2) + 1e-9

@@ -25,7 +25,7 @@ import pytest
 from LumbarBMDLib.figures import CATEGORY_COLOURS
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.regression import bmd_category
-from LumbarBMDLib.report import qc_flags
+from LumbarBMDLib.report import qc_flags, scanner_lines
 from LumbarBMDLib.volume import write_volume
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -117,6 +117,8 @@ READ_PAGE = """async () => {
                                      : null})),
     flags_heading: text([...document.querySelectorAll('h2')].find(h => h.innerText.includes('Quality'))),
     flags: [...document.querySelectorAll('ul.flags li')].map(text),
+    scanner_heading: text([...document.querySelectorAll('h2')].find(h => h.innerText.includes('Scanner'))),
+    scanner: [...document.querySelectorAll('ul.scanner li')].map(text),
     images: imgs.map(i => ({alt: i.alt, complete: i.complete, natural: [i.naturalWidth, i.naturalHeight],
       shown: [i.getBoundingClientRect().width, i.getBoundingClientRect().height], scheme: i.src.split(':')[0]})),
     links: [...document.querySelectorAll('[src],[href]')].map(e => e.getAttribute('src') || e.getAttribute('href')),
@@ -223,9 +225,20 @@ def test_refused_levels_and_qc_flags_are_listed(seen, reports):
     for flag in results["qc_flags"]:  # the identification's own flags (here: numbered from one anchor only)
         assert flag["message"] in page["flags"]
     assert page["flags"] == qc_flags(results)  # every flag, in order, nothing else
-    assert any(f.startswith("no scanner calibration given") for f in page["flags"])
+    assert not any(f.startswith("no scanner calibration") for f in page["flags"])  # the pipeline always maps
     good = seen["good"]
     assert good["flags"] == qc_flags(reports["good"][1]) and not any("not measured" in f for f in good["flags"])
+
+
+@pytest.mark.parametrize("case", ["good", "implant"])
+def test_scanner_calibration_and_contrast_are_shown(seen, reports, case):
+    """The report says which calibration mapped the HU (internal, nominal or phantom) and which contrast phase was
+    read, as results.json records them."""
+    page, results = seen[case], reports[case][1]
+    assert page["scanner_heading"] == "Scanner calibration and contrast"
+    assert page["scanner"] == scanner_lines(results)
+    assert page["scanner"][0] == results["calibration"]["sentence"] and page["scanner"][0].startswith("Calibration:")
+    assert any(line.startswith("Contrast phase: non contrast") for line in page["scanner"])
 
 
 @pytest.mark.parametrize("case", ["good", "implant", "hostile"])

@@ -21,6 +21,7 @@ from collections import Counter
 
 import numpy as np
 
+from LumbarBMDLib.internal_calibration.assess import iodine_scale_to_120kvp
 from LumbarBMDLib.internal_calibration.phase import PHASES, contrast_phase
 from LumbarBMDLib.internal_calibration.tissues import find_reference_tissues
 from LumbarBMDLib.phantom import generate_case
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seed, args.seed + args.cases):
             case = generate_case(seed, args.vendor, "small", variant)
             tissues = find_reference_tissues(case.ct, _centres(case))
-            p = contrast_phase(tissues)
+            p = contrast_phase(tissues, iodine_scale_to_120kvp(case.ct.metadata.get("kvp")))
             painted = case.truth.get("contrast", {}).get("hu", {})
             rows.append({"seed": seed, "truth": truth_phase, "read": p.phase, "confidence": p.confidence,
                          "aorta": tissues.median("aorta"), "ivc": tissues.median("ivc"),

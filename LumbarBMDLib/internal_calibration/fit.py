@@ -1,6 +1,6 @@
 """Scanner-response fit (issue 15): the scanner's effective energy and water/air calibration from the HU of the
-reference tissues every abdominal CT contains, and the K2HPO4 calibration it implies. **Not yet used by the
-pipeline.**
+reference tissues every abdominal CT contains, and the K2HPO4 calibration it implies, onto which the pipeline maps
+every case's HU (:mod:`LumbarBMDLib.internal_calibration.assess`).
 
 Idea (Michalski AS, Besler BA, Michalak GJ, Boyd SK 2020, "CT-based internal density calibration for opportunistic
 skeletal assessment using abdominal CT scans", Med Eng Phys 78:55; implemented in Bonelab's Ogo,
@@ -43,8 +43,8 @@ missing (air, fat, muscle), fewer than :data:`MIN_TISSUES` tissues, a tissue off
 :data:`MAX_PULL` σ or its own HU limit, an effective energy outside 50–90 keV, a DICOM kVp that contradicts the
 tissues' own (prior-free) effective energy, or a metal flag from the ROI finder. Blood flagged as
 contrast-enhanced (the phase module) is excluded and said so. :func:`choose_calibration` then decides, and says,
-what the pipeline would use: a phantom-scan calibration when given, else this fit when ok, else nothing (the
-model's reference scale assumed, visibly).
+what the pipeline uses: a phantom-scan calibration when given, else this fit when ok, else the nominal line of an
+ideal scanner at the DICOM kVp (:func:`nominal_line`), visibly.
 
 Runtime needs numpy and scipy only (not xraydb or spekpy): the table is committed.
 """
@@ -95,6 +95,14 @@ MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2.0)
 #: Weak bounds on the calibration offsets (HU): ACR allows water 0 ± 7 HU; these only keep the search finite.
 OFFSET_BOUNDS_HU = 60.0
 
+#: Prior SD (HU) of what water reads: the ACR CT accreditation criterion is water 0 ± 7 HU (taken as 2 SD) and
+#: scanners are water-calibrated daily. Without it the soft tissues' between-person spread (myosteatosis,
+#: haematocrit, fat water content; ± 10 HU) passes straight into the intercept: the real abdomen's fatty muscle
+#: (24 HU) read as a −13 HU water error (measured, issue 15).
+WATER_OFFSET_PRIOR_SD_HU = 3.5
+#: Prior SD (HU) of the air offset: the ACR range for air is −1005..−970 HU (≈ 4 SD wide).
+AIR_OFFSET_PRIOR_SD_HU = 8.0
+
 
 @dataclass(frozen=True)
 class ReferenceTissue:
@@ -129,9 +137,10 @@ REFERENCE_TISSUES: dict[str, ReferenceTissue] = {
     "visceral_fat": ReferenceTissue("fat", ph.ADIPOSE_3, 10.0, 40.0,
                                     "as subcutaneous fat; visceral fat is often a few HU denser (more water, "
                                     "vessels), within the floor"),
-    "muscle": ReferenceTissue("muscle", ph.MUSCLE, 5.0, 25.0,
-                              "ICRU-44 skeletal muscle; floor: range/4 of 40–60 HU, " + _LAMBA
-                              + "; fatty infiltration with age lowers it (a doubt)"),
+    "muscle": ReferenceTissue("muscle", ph.MUSCLE, 10.0, 35.0,
+                              "ICRU-44 skeletal muscle; floor: range/4 of 20–60 HU (40–60 HU, " + _LAMBA
+                              + ", extended down for the fatty infiltration of older and obese patients' paraspinal "
+                              "muscle: the real abdomen CT here reads 24 HU)"),
     "blood": ReferenceTissue("blood", ph.BLOOD, 5.0, 25.0,
                              "ICRU-44 whole blood; floor: range/4 of 35–55 HU (unenhanced; it follows the "
                              "hematocrit), " + _LAMBA),
@@ -510,7 +519,7 @@ def _solve(curve: ResponseCurve, used: list[TissueFit], prior: tuple[float, floa
         e, w, a = theta
         mu = rho @ curve.mu_rho_vector(e)
         model = w + (1000.0 + w - a) * (mu[2:] - mu[0]) / (mu[0] - mu[1])
-        r = (hu - model) / sig
+        r = np.append((hu - model) / sig, (w / WATER_OFFSET_PRIOR_SD_HU, a / AIR_OFFSET_PRIOR_SD_HU))
         return np.append(r, (e - prior[0]) / prior[1]) if prior is not None else r
 
     lo, hi = curve.energy_range_kev
@@ -595,9 +604,10 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
     notes: list[str] = []
     reasons: list[str] = []
     curve = response_curve(kvp)
-    prior = energy_prior(kvp, patient_water_cm) if kvp is not None else None
+    prior = energy_prior(kvp, patient_water_cm) if kvp is not None else curve.prior_kev
     if kvp is None:
-        notes.append("No DICOM kVp: the effective energy rests on the tissues alone.")
+        notes.append(f"No DICOM kVp: the effective-energy prior spans all the table's 80–140 kVp spectra "
+                     f"({prior[0]:.0f} ± {prior[1]:.0f} keV).")
     rows, more = _collect(measurements, blood_enhanced, floor_scale)
     notes += more
     used = [t for t in rows if t.used]
@@ -623,7 +633,7 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
         t.residual_hu = t.measured_hu - t.model_hu
         t.pull = t.residual_hu / t.sigma_hu
     slope, intercept = k2hpo4_line(curve, e, w, a)
-    dof = len(used) + (prior is not None) - 3
+    dof = len(used) + (prior is not None) + 2 - 3  # the tissues, the energy prior and the two offset priors
     rms = float(np.sqrt(np.mean([t.residual_hu ** 2 for t in used])))
 
     for t in used:
@@ -640,7 +650,7 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
         reasons.append("The least-squares fit did not converge.")
 
     tissue_only = None
-    if prior is not None:
+    if kvp is not None:
         if len(used) >= 4:
             free = _solve(response_curve(None), used, None)
             tissue_only = float(free.theta[0])
@@ -662,35 +672,61 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
 # Which calibration the pipeline would use
 
 
+#: The tube voltage assumed for the nominal fallback when the DICOM has no kVp: the usual abdominal protocol.
+NOMINAL_KVP = 120.0
+
+
+def nominal_line(kvp: float | None = None, patient_water_cm: float | None = None) -> tuple[float, float, float]:
+    """``(slope, intercept, energy keV)``: the K2HPO4 line of an ideal scanner at ``kvp`` (default
+    :data:`NOMINAL_KVP`), from the table's mean effective energy and no water/air error (the fallback of
+    :func:`choose_calibration`: off by the unknown filtration, ≈ ± 5 % of BMD, and a few HU of water error)."""
+    k = float(kvp) if kvp is not None else NOMINAL_KVP
+    curve = response_curve(k)
+    e = energy_prior(k, patient_water_cm)[0]
+    slope, intercept = k2hpo4_line(curve, e, 0.0, 0.0)
+    return slope, intercept, e
+
+
 @dataclass(frozen=True)
 class CalibrationChoice:
     """What maps HU to mineral for a case, and why.
 
     Attributes:
-        source: "phantom" (a ``--calibration`` scan), "internal" (this fit) or "none" (the model's reference
-            scale assumed).
-        slope: HU per mg/cm³ (``None`` for "none").
-        intercept: HU (``None`` for "none").
+        source: "phantom" (a ``--calibration`` scan), "internal" (this fit) or "nominal" (the ideal scanner at the
+            DICOM kVp, or 120 kVp without it: the fallback when the fit is poor or missing).
+        slope: HU per mg/cm³.
+        intercept: HU.
         sentence: the sentence for the log and results.json.
+        effective_energy_kev: the effective energy the choice rests on (keV; NaN for a phantom scan without an
+            internal fit).
     """
 
     source: str
-    slope: float | None
-    intercept: float | None
+    slope: float
+    intercept: float
     sentence: str
+    effective_energy_kev: float = float("nan")
 
 
-def choose_calibration(phantom: Any | None, internal: InternalCalibration | None) -> CalibrationChoice:
-    """A phantom-scan calibration wins when given; else the internal fit when ok; else none, said visibly."""
+def choose_calibration(phantom: Any | None, internal: InternalCalibration | None, kvp: float | None = None,
+                       patient_water_cm: float | None = None) -> CalibrationChoice:
+    """A phantom-scan calibration wins when given; else the internal fit when ok; else the nominal line of the
+    DICOM kVp (120 kVp without it), said visibly with the reasons the internal fit was not used."""
+    e_fit = internal.effective_energy_kev if internal is not None and internal.ok else float("nan")
     if phantom is not None:
         extra = "" if internal is None else f" (the internal fit, {internal.verdict}, is recorded but not used)"
         return CalibrationChoice("phantom", float(phantom.slope), float(phantom.intercept),
                                  f"Calibration: phantom scan, HU = {phantom.intercept:+.1f} + {phantom.slope:.3f} × "
-                                 f"BMD{extra}.")
+                                 f"BMD{extra}.", e_fit)
     if internal is not None and internal.ok:
         return CalibrationChoice("internal", internal.slope, internal.intercept,
                                  f"Calibration: internal (reference tissues), HU = {internal.intercept:+.1f} + "
-                                 f"{internal.slope:.3f} × BMD at {internal.effective_energy_kev:.1f} keV.")
-    why = "no internal fit was made" if internal is None else "the internal fit is poor: " + " ".join(internal.reasons)
-    return CalibrationChoice("none", None, None,
-                             f"Calibration: none; the HU are taken as on the model's reference scanner ({why}).")
+                                 f"{internal.slope:.3f} × BMD at {internal.effective_energy_kev:.1f} keV.", e_fit)
+    why = "no reference tissue was found" if internal is None else "the internal fit is poor: " + " ".join(
+        internal.reasons)
+    slope, intercept, e = nominal_line(kvp, patient_water_cm)
+    volts = f"the DICOM {kvp:g} kVp" if kvp is not None else f"{NOMINAL_KVP:g} kVp (no DICOM kVp)"
+    return CalibrationChoice("nominal", slope, intercept,
+                             f"Calibration: nominal, an ideal scanner at {volts}, HU = {intercept:+.1f} + "
+                             f"{slope:.3f} × BMD at {e:.1f} keV; the scanner's own water/air error and filtration "
+                             f"are unknown, so BMD may be off by about 5 % ({why}).", e)

@@ -156,9 +156,32 @@ def classify_phase(aorta_hu: float | None, ivc_hu: float | None = None, portal_h
                          hu, "ok" if conf == "high" else "check")
 
 
-def contrast_phase(tissues: ReferenceTissues) -> ContrastPhase:
-    """The contrast phase from the reference tissues' aorta, IVC and portal vein."""
-    return classify_phase(tissues.median("aorta"), tissues.median("ivc"), tissues.median("portal_vein"))
+#: Unenhanced blood's HU from which the enhancement is scaled to 120 kVp (the middle of its 35–55 HU).
+UNENHANCED_BLOOD_HU = 45.0
+
+
+def equivalent_120kvp_hu(hu: float | None, iodine_scale: float) -> float | None:
+    """A vessel's HU as a 120 kVp scanner would read it: its enhancement over unenhanced blood × ``iodine_scale``
+    (iodine's HU per mg/mL at 120 kVp over this scanner's: > 1 above 120 kVp, < 1 below)."""
+    return None if hu is None else UNENHANCED_BLOOD_HU + (float(hu) - UNENHANCED_BLOOD_HU) * iodine_scale
+
+
+def contrast_phase(tissues: ReferenceTissues, iodine_scale: float = 1.0) -> ContrastPhase:
+    """The contrast phase from the reference tissues' aorta, IVC and portal vein.
+
+    The thresholds are 120 kVp figures; iodine's HU per mg/mL grows as the tube voltage falls (26.6 at 120, 42 at
+    80, 22 at 140 kVp in physics.py), so with ``iodine_scale`` ≠ 1 (:func:`~LumbarBMDLib.internal_calibration.assess.
+    iodine_scale_to_120kvp` of the DICOM kVp) the vessels' enhancement is first scaled to 120 kVp; ``hu_used`` keeps
+    the measured HU.
+    """
+    measured = {n: tissues.median(n) for n in ("aorta", "ivc", "portal_vein")}
+    if iodine_scale == 1.0:
+        return classify_phase(measured["aorta"], measured["ivc"], measured["portal_vein"])
+    scaled = {n: equivalent_120kvp_hu(v, iodine_scale) for n, v in measured.items()}
+    p = classify_phase(scaled["aorta"], scaled["ivc"], scaled["portal_vein"])
+    p.evidence += f" (as at 120 kVp: the enhancement × {iodine_scale:.2f} for this tube voltage)"
+    p.hu_used = {k: float(v) for k, v in measured.items() if v is not None and k in p.hu_used}
+    return p
 
 
 def trabecular_correction(phase: ContrastPhase | str) -> TrabecularCorrection:

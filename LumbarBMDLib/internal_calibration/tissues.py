@@ -183,6 +183,7 @@ class ReferenceTissues:
     spine_source: str
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    water_equivalent_diameter_cm: float | None = None
 
     def __getitem__(self, name: str) -> TissueROI:
         return self.tissues[name]
@@ -203,6 +204,8 @@ class ReferenceTissues:
             "slab_z_mm": [round(float(z), 1) for z in self.slab_z_mm],
             "n_slices": self.n_slices,
             "spine_source": self.spine_source,
+            "water_equivalent_diameter_cm": (None if self.water_equivalent_diameter_cm is None
+                                             else round(self.water_equivalent_diameter_cm, 1)),
             "notes": list(self.notes),
             "seconds": round(self.seconds, 3),
         }
@@ -702,6 +705,33 @@ def _metal_near(volume: CTVolume, slab: _Slab) -> np.ndarray | None:
     return out
 
 
+#: Body voxels on the image edge, as a fraction of a slice's outline, above which the body is cut by the field of
+#: view: its water-equivalent diameter would be a lower bound, and is not given.
+WED_TRUNCATED_EDGE_FRACTION = 0.02
+
+
+def water_equivalent_diameter_cm(slab: _Slab, body: np.ndarray) -> tuple[float | None, str | None]:
+    """The patient's water-equivalent diameter (cm) over the slab (AAPM Report 220, 2014, eq. 3):
+    D_w = 2 √((mean HU / 1000 + 1) · A / π) per slice, A the area inside the body outline; the median over the
+    slices. ``(None, why)`` when the outline is cut by the field of view or empty."""
+    values = []
+    for k in range(body.shape[0]):
+        inside = body[k]
+        n = int(inside.sum())
+        if n == 0:
+            continue
+        edge = int(inside[0].sum() + inside[-1].sum() + inside[:, 0].sum() + inside[:, -1].sum())
+        perimeter = max(1.0, float(np.sqrt(n)) * 4.0)
+        if edge / perimeter > WED_TRUNCATED_EDGE_FRACTION:
+            return None, "the body is cut by the field of view: no water-equivalent diameter"
+        area_mm2 = n * slab.px_mm[0] * slab.px_mm[1]
+        mean_hu = float(np.clip(slab.hu[k][inside].mean(), -1000.0, 3000.0))
+        values.append(2.0 * np.sqrt((mean_hu / 1000.0 + 1.0) * area_mm2 / np.pi) / 10.0)
+    if not values:
+        return None, "no body outline in the slab: no water-equivalent diameter"
+    return float(np.median(values)), None
+
+
 def find_reference_tissues(volume: CTVolume, body_centres_lps: np.ndarray | None = None,
                            z_range_mm: tuple[float, float] | None = None) -> ReferenceTissues:
     """Find air, subcutaneous and visceral fat, paraspinal muscle, aorta, IVC and portal vein in ``volume``.
@@ -742,5 +772,9 @@ def find_reference_tissues(volume: CTVolume, body_centres_lps: np.ndarray | None
     tissues["paraspinal_muscle"] = find_paraspinal_muscle(slab, body, spine, metal_near)
     tissues.update(find_vessels(slab, spine, metal_near) if body.any() else {
         n: TissueROI(n, False, reason="no body in the slab") for n in ("aorta", "ivc", "portal_vein")})
+    wed, why = water_equivalent_diameter_cm(slab, body)
+    if why:
+        notes.append(why)
     return ReferenceTissues(tissues={n: tissues[n] for n in TISSUE_NAMES}, slab_z_mm=slab_z, n_slices=len(slab.ks),
-                            spine_source=source, notes=notes, seconds=time.perf_counter() - t0)
+                            spine_source=source, notes=notes, seconds=time.perf_counter() - t0,
+                            water_equivalent_diameter_cm=wed)

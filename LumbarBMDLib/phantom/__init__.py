@@ -55,7 +55,7 @@ from LumbarBMDLib.phantom.render import (
     render_vertebra,
     trabecular_hu,
 )
-from LumbarBMDLib.phantom.scanner import SCANNERS, ScannerProfile, scanner_profile
+from LumbarBMDLib.phantom.scanner import SCANNERS, VENDOR_PHYSICS, ScannerProfile, scanner_profile
 from LumbarBMDLib.sagittal import (
     ANNOTATION_SLICES,
     mean_sagittal_image,
@@ -289,7 +289,8 @@ def generate_case(
         spacing=grid.spacing,
         origin=grid.origin,
         source=f"phantom seed {seed} vendor {vendor}",
-        metadata={"phantom": True},
+        # the tube voltage a DICOM header would carry (the NIfTI written by write_case cannot: read back, it has none)
+        metadata={"phantom": True, "kvp": float((physics if physics is not None else VENDOR_PHYSICS[vendor]).kvp)},
     )
     canal = _canal_truth(rendered)
     canal_pts = np.array(list(canal.values()))
@@ -325,7 +326,7 @@ def generate_case(
             "scoliosis_mm": round(patient.scoliosis_mm, 2),
         },
         "scanner": scanner.as_dict(),
-        **({} if physics is None else {"scanner_physics": _physics_truth(physics)}),
+        "scanner_physics": _vendor_physics_truth(vendor) if physics is None else _physics_truth(physics),
         "grid": {"shape_zyx": list(grid.shape), "spacing_xyz_mm": list(grid.spacing), "origin_lps": list(grid.origin)},
         "canal": {
             "centres_lps": [[round(c, 3) for c in p] for p in canal.values()],
@@ -357,6 +358,13 @@ def generate_case(
         annotation_geometry=geom.central_plane(),
         timings_s=timings,
     )
+
+
+def _vendor_physics_truth(vendor: str) -> dict:
+    """truth.json's ``scanner_physics`` of vendor A, B or C (without computing spectra: no optional extra needed)."""
+    from LumbarBMDLib.phantom.scanner import VENDOR_EFFECTIVE_ENERGY_KEV, VENDOR_PHYSICS
+
+    return {**VENDOR_PHYSICS[vendor].as_dict(), "effective_energy_kev": VENDOR_EFFECTIVE_ENERGY_KEV[vendor]}
 
 
 def _contrast_truth(enhancement: Enhancement, scanner: ScannerProfile) -> dict:
@@ -465,8 +473,9 @@ def generate_cohort(
         truth_path = out_dir / f"{prefix}_{s:06d}" / "truth.json"
         if truth_path.exists():
             truth = json.loads(truth_path.read_text(encoding="utf-8"))
-            same_physics = physics is None or {k: v for k, v in truth.get("scanner_physics", {}).items()
-                                               if k in physics.as_dict()} == physics.as_dict()
+            # a case of another scanner definition (e.g. a vendor before issue 15 made A, B, C physical) is redone
+            expected = (physics if physics is not None else VENDOR_PHYSICS[vendor]).as_dict()
+            same_physics = {k: v for k, v in truth.get("scanner_physics", {}).items() if k in expected} == expected
             if truth.get("size") == size and truth.get("vendor") == vendor and same_physics:
                 rows.append(cohort_row(truth))
                 continue

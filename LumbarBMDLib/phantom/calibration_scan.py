@@ -13,16 +13,18 @@ import numpy as np
 
 from LumbarBMDLib.calibration import ROD_LAYOUT, ROD_RADIUS_MM
 from LumbarBMDLib.phantom.render import acquire
-from LumbarBMDLib.phantom.scanner import scanner_profile
+from LumbarBMDLib.phantom.scanner import ScannerProfile, scanner_profile
 from LumbarBMDLib.phantom.shapes import Grid, ellipse_distance, fraction
 from LumbarBMDLib.volume import CTVolume
 
 BODY_HALF_AXES_MM = (160.0, 110.0)
 
 
-def calibration_scan(vendor: str, seed: int = 0, slices: int = 40) -> CTVolume:
-    """CT (int16 HU, axial LPS, 512 × 512 × ``slices``, 0.8 × 0.8 × 1 mm) of the calibration phantom on ``vendor``."""
-    scanner = scanner_profile(vendor)
+def calibration_scan(vendor: str | ScannerProfile, seed: int = 0, slices: int = 40) -> CTVolume:
+    """CT (int16 HU, axial LPS, 512 × 512 × ``slices``, 0.8 × 0.8 × 1 mm) of the calibration phantom on ``vendor``
+    (a vendor letter, or a profile such as :func:`~LumbarBMDLib.phantom.physical_scanner.profile_from_physics`)."""
+    scanner = vendor if isinstance(vendor, ScannerProfile) else scanner_profile(vendor)
+    vendor = scanner.vendor
     pixel = 0.8
     half = (512 - 1) / 2.0 * pixel
     grid = Grid(shape=(slices, 512, 512), spacing=(pixel, pixel, 1.0), origin=(-half, -half, 0.0))

@@ -11,7 +11,8 @@ derives the HU the phantom paints from the elemental compositions of the tissues
 * fat: Woodard & White 1986 adipose tissue 3 (what the internal calibration assumes for fat,
   ``internal_calibration.fit.REFERENCE_TISSUES``);
 * muscle, blood: ICRU-44 skeletal muscle and whole blood; liver, kidney: ICRU-44 adult liver and kidney;
-* CSF: ICRU Report 46 cerebrospinal fluid; intervertebral disc: ICRU-44 cartilage (physics.py cites each);
+* CSF: ICRU Report 46 cerebrospinal fluid; intervertebral disc: ICRU-44 cartilage's composition at an assumed
+  1.07 g/cm³ (physics.INTERVERTEBRAL_DISC; physics.py cites each);
 * noise, kernel, slice profile: the scanner's ``noise_sd_hu``, ``kernel_psf_mm``, ``slice_fwhm_mm``.
 
 Such a case's ``vendor`` is ``"P:<name>"`` (never "A", "B" or "C"), its case id ``P-<slug>_<seed>``, and its
@@ -85,7 +86,7 @@ def profile_from_physics(physics: ph.ScannerPhysics, name: str | None = None) ->
         liver_hu=hu(ph.LIVER),
         kidney_hu=hu(ph.KIDNEY),
         csf_hu=hu(ph.CSF),
-        disc_hu=hu(ph.CARTILAGE),
+        disc_hu=hu(ph.INTERVERTEBRAL_DISC),
         noise_sd=physics.noise_sd_hu,
         psf_mm=physics.kernel_psf_mm,
         slice_fwhm_mm=physics.slice_fwhm_mm,

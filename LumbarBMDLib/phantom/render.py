@@ -571,13 +571,35 @@ def _trabecular_field(shape, spacing, rng, mean_hu: float, sd_hu: float) -> np.n
     return tex
 
 
+#: The K2HPO4 slope (HU per mg/cm³) at which the spongiosa's texture, the basivertebral vein and the sclerotic band
+#: of a fracture were drawn (the phantom's vendor A before issue 15). They are mineral contrast (trabeculae against
+#: marrow, bone missing around the vein, extra bone in the band), so on another scanner their HU scale with its
+#: K2HPO4 slope (:func:`mineral_contrast_scale`), as the mean does.
+TEXTURE_REFERENCE_SLOPE = 1.10
+#: Marrow fat lowers trabecular HU by ≈ 1.4 HU per percentage point of fat at 120 kVp (fat −100 HU vs red marrow
+#: ≈ +40 HU; Griffith et al. 2005): the HU per unit fat fraction, scaled on other scanners by fat's contrast.
+MARROW_FAT_HU_PER_FRACTION = -140.0
+#: Fat's HU against water at 120 kVp that :data:`MARROW_FAT_HU_PER_FRACTION` was read at.
+FAT_CONTRAST_120KVP_HU = -100.0
+
+
+def mineral_contrast_scale(scanner: ScannerProfile) -> float:
+    """How much stronger mineral contrast is on ``scanner`` than where the texture was drawn (slope ratio)."""
+    return scanner.bone_slope / TEXTURE_REFERENCE_SLOPE
+
+
+def fat_contrast_scale(scanner: ScannerProfile) -> float:
+    """Fat's contrast against water on ``scanner`` relative to 120 kVp (> 1 at lower kVp, where fat reads lower)."""
+    return (scanner.fat_hu - scanner.bone_intercept) / FAT_CONTRAST_120KVP_HU
+
+
 def trabecular_hu(v: Vertebra, scanner: ScannerProfile, contrast: Enhancement | bool | None = None) -> float:
     """Mean HU of the vertebral body's spongiosa: calibration + marrow fat + contrast enhancement.
 
     ``contrast``: the case's :class:`Enhancement` (its spongiosa enhancement is added), True (the published
     portal-venous mean, Pompe et al. 2015, on this scanner), or False/None (unenhanced).
     """
-    marrow = -140.0 * (v.marrow_fat - 0.35)  # ≈ −1.4 HU per percentage point of fat around 35 %
+    marrow = MARROW_FAT_HU_PER_FRACTION * (v.marrow_fat - 0.35) * fat_contrast_scale(scanner)
     base = scanner.mineral_to_hu(v.bmd) + marrow
     if contrast is True:
         contrast = contrast_enhancement("portal_venous", scanner)
@@ -686,13 +708,14 @@ def render_vertebra(hu, labels, tissue, vert: Vertebra, grid: Grid, scanner: Sca
         box, (u, v, w) = got
         d, d_trab = _body_distance(u, v, w, vert)
         mean = trabecular_hu(vert, scanner, _enhancement(variants, scanner, enhancement))
-        sd = 10.0 + 12.0 * np.sqrt(max(vert.bmd, 10.0) / 150.0)
+        k = mineral_contrast_scale(scanner)
+        sd = (10.0 + 12.0 * np.sqrt(max(vert.bmd, 10.0) / 150.0)) * k
         field = _trabecular_field(hu[box].shape, grid.spacing, rng, mean, sd)
         vein = fraction(np.maximum(ellipse_distance(u, v - (b - 6.0), 3.0, 4.0), np.abs(w) - 3.0), h)
-        field -= vein * np.float32(35.0)
+        field -= vein * np.float32(35.0 * k)
         if vert.wedge > 0:  # sclerotic band under the collapsed endplate
             band = fraction(np.abs(w - (hh - 2.0 * hh * vert.wedge * 0.5 - 2.0)) - 2.5, h)
-            field += band * np.float32(90.0)
+            field += band * np.float32(90.0 * k)
         _bone(hu, labels, tissue, box, d, d_trab, cortical, field, vert.label, h)
 
     # posterior elements in the same frame

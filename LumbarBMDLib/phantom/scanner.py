@@ -1,25 +1,39 @@
-"""Scanner profiles of the phantom: calibration, noise, sharpness and slice profile per vendor.
+"""Scanner profiles of the phantom: how each scanner turns tissue into HU, and its noise, kernel and slice profile.
 
-The paper trained on one vendor (uCT760) and saw a systematic BMD bias on two other vendors' scanners.
-What differs between scanners at the same 120 kVp is the effective beam energy and the reconstruction
-kernel. Effective energy changes the HU of mineral per mg/cm³ (the QCT calibration slope, measured with
-a K2HPO4 phantom such as the European Spine Phantom) far more than that of water-like tissue, and it
-shifts fat slightly (fat is more negative at lower effective energy). The profiles below mimic that:
+The paper trained on one vendor (uCT760) and saw a systematic BMD bias on two other vendors' scanners. Real scanners
+differ by their X-ray spectrum (tube voltage, filtration, beam hardening in the patient) and by a small water/air
+calibration error; the spectrum moves the HU of every material together and predictably, which is what internal
+(phantomless) calibration uses (issue 15). The vendors A, B, C are therefore **physically defined**
+(:data:`VENDOR_PHYSICS`, :class:`~LumbarBMDLib.phantom.physics.ScannerPhysics`): each tissue's HU follows from its
+elemental composition (ICRU-44 / Woodard & White) and the NIST/Elam mass attenuation over the scanner's spectrum
+(SpekPy), and the mineral line is that of K2HPO4 solutions on the same footing
+(:func:`~LumbarBMDLib.phantom.physical_scanner.profile_from_physics`):
 
-* vendor **A** is the training scanner (uCT760-like): slope 1.10 HU per mg/cm³, intercept +5 HU;
-* vendor **B**: lower effective energy is *not* assumed; a softer calibration (slope 0.95, +14 HU) with a
-  sharper kernel and more noise;
-* vendor **C**: steeper calibration (slope 1.22, −10 HU), smoother kernel, thicker slice profile.
+* vendor **A** is the training scanner (uCT760-like): 120 kVp, 6 mm Al, water reads +3 HU, air −1002 HU;
+* vendor **B**: 135 kVp, 7 mm Al + 0.1 mm Cu (a harder beam: the K2HPO4 slope is 10 % lower), water +6 HU, a sharper
+  kernel and more noise;
+* vendor **C**: 100 kVp (a softer beam: the slope is 12 % higher, fat reads 16 HU lower), water −6 HU, a smoother
+  kernel and a thicker slice profile.
 
-Typical published K2HPO4 calibration slopes at 120 kVp lie between about 0.9 and 1.3 HU per mg/cm³
-(Cann & Genant 1980, J Comput Assist Tomogr 4:493; Kalender et al. 1995, Med Phys 22:1237), and vendor
-offsets of ±15 HU are common in cross-calibration studies with the ESP (Kalender et al. 1995). Noise
-figures (SD in water, 1 mm, standard dose) of 10–20 HU are typical for abdominal protocols.
+Each beam is hardened by 28 cm of water, the median water-equivalent diameter (AAPM Report 220) of the phantom's
+patients at L1–L4 (25.8–29.6 cm over 12 seeds), so that the spectrum agrees with the patients it passes through.
+
+The derived HU are written below as numbers so that generating a phantom needs neither xraydb nor SpekPy (the
+``phantom-physics`` extra); ``Testing/test_physical_scanner.py`` re-derives them from :data:`VENDOR_PHYSICS` and fails
+if they drift. Noise figures (SD in water, 1 mm, standard dose) of 10–20 HU are typical for abdominal protocols.
+
+Until issue 15 the vendors differed only by an arbitrary mineral slope/intercept (A 1.10 HU per mg/cm³ + 5 HU,
+B 0.95 + 14, C 1.22 − 10) while fat, muscle and blood kept their HU: no phantomless method could be taught or tested
+on them. The default regression model was trained on that earlier vendor A; its model card keeps that scanner's
+rod calibration (1.099 HU per mg/cm³, +5.1 HU) as the model's **reference scale**, onto which every case's HU are
+mapped (by a phantom-scan calibration, or by the internal calibration) before the patches go into the network.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+
+from LumbarBMDLib.phantom.physics import ScannerPhysics
 
 
 @dataclass(frozen=True)
@@ -65,13 +79,32 @@ class ScannerProfile:
         return asdict(self)
 
 
+#: The vendors' physics (the JSON of ``lumbarbmd phantom --scanner`` would describe them the same way).
+VENDOR_PHYSICS: dict[str, ScannerPhysics] = {
+    "A": ScannerPhysics("A", 120.0, filtration_mm_al=6.0, patient_water_cm=28.0, water_offset_hu=3.0,
+                        air_offset_hu=-2.0, noise_sd_hu=11.0, kernel_psf_mm=0.45, slice_fwhm_mm=1.0,
+                        description="training scanner, 128-row MDCT with iterative reconstruction (uCT760-like)"),
+    "B": ScannerPhysics("B", 135.0, filtration_mm_al=7.0, filtration_mm_cu=0.1, patient_water_cm=28.0,
+                        water_offset_hu=6.0, air_offset_hu=3.0, noise_sd_hu=15.0, kernel_psf_mm=0.35,
+                        slice_fwhm_mm=1.25, description="other vendor, 135 kVp hard beam, sharper kernel"),
+    "C": ScannerPhysics("C", 100.0, filtration_mm_al=6.0, patient_water_cm=28.0, water_offset_hu=-6.0,
+                        air_offset_hu=-4.0, noise_sd_hu=18.0, kernel_psf_mm=0.6, slice_fwhm_mm=1.5,
+                        description="other vendor, 100 kVp, smooth kernel, thicker slice profile"),
+}
+
+#: Effective energy (keV, detector-weighted) of each vendor's spectrum behind the patient path (physics.py).
+VENDOR_EFFECTIVE_ENERGY_KEV = {"A": 74.04, "B": 82.1, "C": 66.06}
+
+#: ``profile_from_physics(VENDOR_PHYSICS[v], v)``, rounded to 0.01 HU (re-derived in test_physical_scanner.py).
 SCANNERS: dict[str, ScannerProfile] = {
-    "A": ScannerProfile("A", 1.10, 5.0, -100.0, 52.0, 40.0, 58.0, 32.0, 8.0, 84.0, 11.0, 0.45, 1.0,
-                        "training scanner, 128-row MDCT with iterative reconstruction (uCT760-like)"),
-    "B": ScannerProfile("B", 0.95, 14.0, -92.0, 55.0, 42.0, 60.0, 34.0, 10.0, 88.0, 15.0, 0.35, 1.25,
-                        "other vendor, sharper kernel, softer mineral calibration"),
-    "C": ScannerProfile("C", 1.22, -10.0, -108.0, 50.0, 38.0, 55.0, 30.0, 6.0, 82.0, 18.0, 0.6, 1.5,
-                        "other vendor, smooth kernel, thicker slice profile, steeper mineral calibration"),
+    "A": ScannerProfile("A", 1.36343, 3.0, -96.39, 46.32, 59.52, 56.88, 47.05, 16.26, 77.1, 11.0, 0.45, 1.0,
+                        "training scanner, 120 kVp, 128-row MDCT with iterative reconstruction (uCT760-like)",
+                        iodine_hu_per_mg_ml=25.72),
+    "B": ScannerProfile("B", 1.22602, 6.0, -87.25, 48.66, 61.22, 59.07, 49.43, 18.38, 76.03, 15.0, 0.35, 1.25,
+                        "other vendor, 135 kVp + 0.1 mm Cu (hard beam), sharper kernel", iodine_hu_per_mg_ml=21.14),
+    "C": ScannerProfile("C", 1.5317, -6.0, -112.53, 37.78, 51.7, 48.43, 38.45, 8.29, 72.76, 18.0, 0.6, 1.5,
+                        "other vendor, 100 kVp (soft beam), smooth kernel, thicker slice profile",
+                        iodine_hu_per_mg_ml=31.46),
 }
 
 
