@@ -1285,11 +1285,15 @@ class LumbarBMDLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def resultMessage(results: dict) -> str:
         """One or two sentences on the result for the widget: what was measured and, when partial, what was not; then
-        the quality-control flags (transitional anatomy, uncertain identification, …)."""
+        the calibration that mapped the HU and the quality-control flags (transitional anatomy, uncertain
+        identification, …)."""
         missing = [v for v in results["vertebrae"] if not v["found"]]
         if results["status"] == "failed":
             return results["error"]
         flags = " ".join(f"QC: {f['message']}." for f in results.get("qc_flags") or [])
+        calibration = (results.get("calibration") or {}).get("sentence")
+        if calibration:  # which calibration mapped the HU (phantom scan, internal, nominal) and any contrast correction
+            flags = f"{calibration} {flags}".strip()
         if not missing:
             return " ".join(["L1–L4 measured.", flags]).strip()
         measured = ", ".join(v["level"] for v in results["vertebrae"] if v["found"])

@@ -284,6 +284,16 @@ def format_evaluation(res: dict) -> str:
     cat = pt["categories"]
     lines.append(f"patients: n {pt['n']}, kappa {cat['kappa']:.3f}, accuracy {cat['accuracy']:.3f}, "
                  f"confusion (rows reference, columns predicted: {', '.join(cat['labels'])}) {cat['confusion']}")
+    cal = (res.get("cases") or {}).get("calibration")
+    if cal:
+        sources = ", ".join(f"{k} {v}" for k, v in cal["sources"].items())
+        phases = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cal["contrast_phases"].items()) or "not read"
+        line = f"calibration: {sources}; contrast phase: {phases}; contrast-corrected {cal['contrast_corrected']}"
+        e, k = cal.get("internal_effective_energy_kev"), cal.get("internal_k2hpo4_slope")
+        if e and k:
+            line += (f"; internal fits {e['mean']:.1f} ± {e['sd']:.1f} keV, K2HPO4 {k['mean']:.3f} ± {k['sd']:.3f} "
+                     "HU per mg/cm³")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ Segmentation: DSC / PPV / sensitivity per vertebra and the valid rate (:mod:`Lum
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -417,7 +417,8 @@ def _case_id_of(folder: Path) -> str:
 def collect_pairs(results_dir: str | Path, truth: dict[str, dict]) -> tuple[Pairs, dict]:
     """Pair every measured level of ``<results_dir>/<case>/results.json`` with its reference.
 
-    Returns the pairs and a summary: cases read, failed, partial, unmatched, levels missing per reason.
+    Returns the pairs and a summary: cases read, failed, partial, unmatched, levels missing per reason, and how the
+    cases' HU were calibrated and which contrast phase was read (:func:`calibration_tally`).
     """
     from LumbarBMDLib.weights import read_json_object
 
@@ -427,8 +428,10 @@ def collect_pairs(results_dir: str | Path, truth: dict[str, dict]) -> tuple[Pair
         raise LumbarBMDError(f"no results.json under {results_dir} (the output folder of 'lumbarbmd run')")
     cases, levels, pred, ref = [], [], [], []
     summary = {"cases": 0, "ok": 0, "partial": 0, "failed": 0, "unmatched": [], "missing_levels": {}}
+    tally = CalibrationTally()
     for f in files:
         res = read_json_object(f, "results file")
+        tally.add(res)
         case = res.get("case_id") if isinstance(res.get("case_id"), str) and res.get("case_id") else f.parent.name
         status = res.get("status", "failed")
         if not isinstance(status, str) or not status:
@@ -453,7 +456,45 @@ def collect_pairs(results_dir: str | Path, truth: dict[str, dict]) -> tuple[Pair
                 levels.append(level)
                 pred.append(value)
                 ref.append(truth[case]["bmd"][level])
+    summary["calibration"] = tally.as_json()
     return Pairs(cases, levels, np.array(pred), np.array(ref)), summary
+
+
+@dataclass
+class CalibrationTally:
+    """How a results folder's cases were calibrated (results.json ``calibration``) and which contrast phases were
+    read (``scanner.contrast_phase``): counts, and the internal fits' effective energy and K2HPO4 slope."""
+
+    sources: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
+    energies_kev: list = field(default_factory=list)
+    slopes: list = field(default_factory=list)
+    contrast_corrected: int = 0
+
+    def add(self, res: dict) -> None:
+        """Count one results.json object (a failed case without a calibration counts as "none")."""
+        cal = res.get("calibration") if isinstance(res.get("calibration"), dict) else {}
+        source = str(cal.get("source") or "none")
+        self.sources[source] = self.sources.get(source, 0) + 1
+        if (cal.get("contrast_delta_hu") or 0) > 0:
+            self.contrast_corrected += 1
+        scanner = res.get("scanner") if isinstance(res.get("scanner"), dict) else {}
+        phase = (scanner.get("contrast_phase") or {}).get("phase")
+        if phase:
+            self.phases[str(phase)] = self.phases.get(str(phase), 0) + 1
+        fit = scanner.get("internal_calibration") or {}
+        if fit.get("verdict") == "ok" and isinstance(fit.get("effective_energy_kev"), (int, float)):
+            self.energies_kev.append(float(fit["effective_energy_kev"]))
+            self.slopes.append(float(fit["slope"]))
+
+    def as_json(self) -> dict:
+        def spread(v: list) -> dict | None:
+            return None if not v else {"mean": round(float(np.mean(v)), 3), "sd": round(float(np.std(v)), 3),
+                                       "min": round(float(np.min(v)), 3), "max": round(float(np.max(v)), 3)}
+        return {"sources": dict(sorted(self.sources.items())), "contrast_phases": dict(sorted(self.phases.items())),
+                "contrast_corrected": self.contrast_corrected,
+                "internal_effective_energy_kev": spread(self.energies_kev),
+                "internal_k2hpo4_slope": spread(self.slopes)}
 
 
 def evaluate_folder(results_dir: str | Path, truth_path: str | Path, out_dir: str | Path, title: str = "") -> dict:

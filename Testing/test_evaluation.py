@@ -111,3 +111,40 @@ def test_evaluate_folder_compares_the_vendors_cohorts(tmp_path):
     assert chars["sex"]["test"] == "chi-square" and chars["sex"]["cohorts"] == ["vendor A", "vendor B"]
     assert np.array(chars["sex"]["table"]).sum() == 12 and 0.0 <= chars["sex"]["p"] <= 1.0
     assert chars["age"]["test"] == "Kruskal-Wallis" and res["all_levels"]["pearson"]["n"] == 48
+
+
+def test_evaluate_reports_how_the_cases_were_calibrated_and_their_phase(tmp_path):
+    """evaluation.json (and the CLI's summary) count the calibration each case used and the contrast phase read,
+    and give the internal fits' effective energy and K2HPO4 slope; a failed case without a calibration is "none"."""
+    from LumbarBMDLib.cli import format_evaluation
+    from LumbarBMDLib.evaluation import evaluate_folder
+
+    specs = [("internal", "non_contrast", 0.0, 74.0, 1.36), ("internal", "portal_venous", 17.4, 76.0, 1.33),
+             ("phantom", "arterial", 12.9, 75.0, 1.35), ("nominal", "unknown", 0.0, None, None), (None, None, 0, None,
+                                                                                                    None)]
+    for i, (source, phase, delta, e, k) in enumerate(specs):
+        case = f"A_{i:06d}"
+        bmd = {lv: 100.0 + 10 * i + j for j, lv in enumerate(("L1", "L2", "L3", "L4"))}
+        (tmp_path / "truth" / case).mkdir(parents=True)
+        (tmp_path / "truth" / case / "truth.json").write_text(json.dumps(
+            {"case": case, "bmd_mg_cm3": bmd, "mean_bmd_mg_cm3": float(np.mean(list(bmd.values())))}), "utf-8")
+        res = {"status": "ok" if source else "failed",
+               "vertebrae": [{"level": lv, "found": True, "bmd_mg_cm3": v + 1.0} for lv, v in bmd.items()]
+               if source else []}
+        if source:
+            res["calibration"] = {"source": source, "contrast_delta_hu": delta}
+            fit = {"verdict": "ok", "effective_energy_kev": e, "slope": k} if e else {"verdict": "poor"}
+            res["scanner"] = {"contrast_phase": {"phase": phase}, "internal_calibration": fit}
+        (tmp_path / "results" / case).mkdir(parents=True)
+        (tmp_path / "results" / case / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    out = evaluate_folder(tmp_path / "results", tmp_path / "truth", tmp_path / "out")
+    cal = out["cases"]["calibration"]
+    assert cal["sources"] == {"internal": 2, "nominal": 1, "none": 1, "phantom": 1}
+    assert cal["contrast_phases"] == {"arterial": 1, "non_contrast": 1, "portal_venous": 1, "unknown": 1}
+    assert cal["contrast_corrected"] == 2
+    assert cal["internal_effective_energy_kev"]["mean"] == pytest.approx(75.0)
+    assert cal["internal_k2hpo4_slope"]["min"] == pytest.approx(1.33)
+    saved = json.loads((tmp_path / "out" / "evaluation.json").read_text(encoding="utf-8"))
+    assert saved["cases"]["calibration"] == cal
+    text = format_evaluation(out)
+    assert "calibration: internal 2, nominal 1, none 1, phantom 1" in text and "portal venous 1" in text

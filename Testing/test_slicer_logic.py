@@ -280,6 +280,7 @@ def test_removing_l2_and_recomputing_gives_a_partial_result(logic, ct_node, mrml
     assert float(again.table.GetAttribute("LumbarBMD.MeanBMD")) == pytest.approx(mean, abs=0.1)
     message = logic.patientSummary(again.table)["message"]
     assert message.startswith("Partial result") and "L2" in message
+    assert again.results["calibration"]["sentence"] in message  # which calibration mapped the HU, kept after the edit
     assert again.results["level_numbering_anchor"] == "edited labels"
     assert {rows[level]["identified"] for level in ("L1", "L3", "L4")} == {"edited labels"}
 
