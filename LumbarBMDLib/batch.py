@@ -238,15 +238,30 @@ def failure_sentence(err: BaseException, path: Path) -> str | None:
     return None
 
 
+def apply_scanner_spec(volume, spec) -> None:
+    """Put a site's scanner description (a :class:`~LumbarBMDLib.phantom.physics.ScannerPhysics`, ``--scanner-spec``)
+    into ``volume.metadata`` for the internal calibration: its equivalent filtration always, its kVp only when the
+    image carries none (a NIfTI; the DICOM tag wins)."""
+    if spec is None:
+        return
+    volume.metadata["filtration_mm_al"] = float(spec.filtration_mm_al)
+    volume.metadata["filtration_mm_cu"] = float(spec.filtration_mm_cu)
+    if volume.metadata.get("kvp") is None:
+        volume.metadata["kvp"] = float(spec.kvp)
+        volume.metadata["kvp_source"] = "scanner spec"
+
+
 def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
-             calibration: ScannerCalibration | None, identity: dict | None = None) -> dict:
+             calibration: ScannerCalibration | None, identity: dict | None = None, scanner_spec=None) -> dict:
     """Measure one input and write its folder; returns its results.json object (never raises for a bad input).
 
-    ``identity`` (``case_id``, ``input_sha256``) is recorded in results.json."""
+    ``identity`` (``case_id``, ``input_sha256``) is recorded in results.json; ``scanner_spec``: the site's scanner
+    description (:func:`apply_scanner_spec`)."""
     t0 = time.perf_counter()
     try:
         volume = read_ct(path)
         load = time.perf_counter() - t0
+        apply_scanner_spec(volume, scanner_spec)
         result = measure(volume, seg_model, bmd_model, calibration)
         results = results_json(result, str(path), seg_model, bmd_model, {"load": load,
                                                                          "total": time.perf_counter() - t0})
@@ -314,9 +329,10 @@ def write_summary(out_dir: Path, notes: dict[str, str] | None = None,
 def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto", force: bool = False,
               calibration: ScannerCalibration | None = None, seg_model_path: str | Path | None = None,
               bmd_model_path: str | Path | None = None, progress: bool = True,
-              allow_unverified: bool = False) -> list[CaseOutcome]:
+              allow_unverified: bool = False, scanner_spec=None) -> list[CaseOutcome]:
     """Run every input; returns the outcomes in input order (see the module docstring). ``allow_unverified``
-    accepts models whose card has no sha256 (recorded in results.json as ``models_verified``)."""
+    accepts models whose card has no sha256 (recorded in results.json as ``models_verified``); ``scanner_spec``:
+    the site's scanner description for the internal calibration (:func:`apply_scanner_spec`)."""
     from tqdm import tqdm
 
     out_dir = check_writable_folder(out_dir)
@@ -332,7 +348,7 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     summary_cache: dict[str, tuple[int, dict]] = {}
     for path, case_id in tqdm(list(zip_strict(paths, case_ids(paths))), desc="cases", unit="case",
                               disable=not progress):
-        outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, calibration, force)
+        outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, calibration, force, scanner_spec)
         if outcome.note:
             notes[outcome.case] = outcome.note
         outcomes.append(outcome)
@@ -341,7 +357,7 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
 
 
 def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
-             calibration: ScannerCalibration | None, force: bool) -> CaseOutcome:
+             calibration: ScannerCalibration | None, force: bool, scanner_spec=None) -> CaseOutcome:
     """One input, under the lock of its case id (a second process on the same case waits, then finds it done)."""
     source = str(path)
     digest = input_digest(path)
@@ -358,7 +374,7 @@ def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationMod
             if note:
                 identity["note"] = note
             try:
-                results = run_case(path, folder, seg_model, bmd_model, calibration, identity)
+                results = run_case(path, folder, seg_model, bmd_model, calibration, identity, scanner_spec)
             except LumbarBMDError as err:  # the folder could not be written: the case is lost, the batch goes on
                 return CaseOutcome(final_id, folder, failed_results(source, str(err)), note=str(err))
             return CaseOutcome(final_id, folder, results, note=note)

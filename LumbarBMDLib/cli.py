@@ -102,9 +102,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from LumbarBMDLib.calibration import read_calibration
 
     calibration = read_calibration(args.calibration) if args.calibration else None
+    spec = None
+    if args.scanner_spec:
+        from LumbarBMDLib.phantom.physics import read_scanner_json
+
+        spec = read_scanner_json(args.scanner_spec)  # a bad file is one sentence
     outcomes = run_batch(args.inputs, args.out, device=args.device, force=args.force, calibration=calibration,
                          seg_model_path=args.seg_model, bmd_model_path=args.bmd_model, progress=not args.quiet,
-                         allow_unverified=args.allow_unverified_model)
+                         allow_unverified=args.allow_unverified_model, scanner_spec=spec)
     counts = {s: sum(o.results.get("status") == s for o in outcomes) for s in ("ok", "partial", "failed")}
     skipped = sum(o.skipped for o in outcomes)
     for o in outcomes:
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: OUT/<case>/results.json, ..., OUT/summary.csv")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--calibration", help="scanner calibration JSON (lumbarbmd calibrate) for these scans")
+    p.add_argument("--scanner-spec", metavar="FILE.json", help="the site's scanner description (JSON as in "
+                   "docs/scanner_example.json: kvp, filtration_mm_al, filtration_mm_cu): narrows the internal "
+                   "calibration's energy prior; its kvp is used only for images without one (NIfTI)")
     p.add_argument("--force", action="store_true", help="run again cases already finished")
     p.add_argument("--seg-model", help="segmentation .safetensors (default: the shipped model)")
     p.add_argument("--bmd-model", help="regression .safetensors (default: the shipped model)")

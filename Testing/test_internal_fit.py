@@ -216,7 +216,14 @@ def test_enhanced_blood_is_excluded(row120):
     assert all("contrast" in t.note for t in excluded)
     assert cal.ok, cal.message  # air, two fats and muscle remain
     assert any("contrast-enhanced" in n for n in cal.notes)
-    # without the flag the enhanced aorta makes it poor
+    # without the flag the enhanced aorta is off the model: left out (one tissue may be), said so, the fit redone
+    unflagged = fit.fit_scanner_response(meas, kvp=120)
+    aorta = next(t for t in unflagged.tissues if t.name == "aorta")
+    assert not aorta.used and "left out" in aorta.note and unflagged.ok
+    assert any(n.startswith("aorta read 250 HU") for n in unflagged.notes), unflagged.notes
+    assert unflagged.slope == pytest.approx(cal.slope, rel=0.01)
+    # a second tissue off the model makes it poor
+    meas["ivc"] = (240.0, 20.0, 800)
     assert fit.fit_scanner_response(meas, kvp=120).verdict == "poor"
 
 
@@ -321,3 +328,30 @@ def test_fit_is_fast(row120):
     for _ in range(5):
         fit.fit_scanner_response(meas, kvp=120, patient_water_cm=25)
     assert (time.perf_counter() - t0) / 5 < 0.1
+
+
+def test_filtration_prior_is_the_scanners_effective_energy_and_narrows_the_fit():
+    """A site's stated filtration (``--scanner-spec``) gives the effective energy its spectrum has: the table's
+    interpolation matches the physics of the phantom's vendors (within 0.2 keV) with an SD under 1 keV, against
+    2.2 keV for the kVp alone; with it the exact tissues of a 6 mm Al, 120 kVp scanner give its own K2HPO4 slope
+    more closely than with the kVp's prior over all filtrations."""
+    from LumbarBMDLib.phantom.scanner import SCANNERS, VENDOR_EFFECTIVE_ENERGY_KEV, VENDOR_PHYSICS
+
+    for v, phys in VENDOR_PHYSICS.items():
+        mean, sd = fit.energy_prior_from_filtration(phys.kvp, phys.filtration_mm_al, phys.filtration_mm_cu,
+                                                    phys.patient_water_cm)
+        assert mean == pytest.approx(VENDOR_EFFECTIVE_ENERGY_KEV[v], abs=0.2) and 0.5 <= sd < 1.0, (v, mean, sd)
+    assert fit.energy_prior(120, 28)[1] > 2.0
+    unknown_size = fit.energy_prior_from_filtration(120, 6, 0)
+    assert unknown_size[1] > fit.energy_prior_from_filtration(120, 6, 0, 28)[1]  # the size's spread adds
+    a = SCANNERS["A"]
+    meas = {"air": (-1000.0 + VENDOR_PHYSICS["A"].air_offset_hu, 5.0, 5000), "subcutaneous_fat": (a.fat_hu, 12.0, 5000),
+            "visceral_fat": (a.fat_hu, 12.0, 5000), "paraspinal_muscle": (a.muscle_hu, 12.0, 3000),
+            "aorta": (a.blood_hu, 10.0, 800), "ivc": (a.blood_hu, 10.0, 800)}
+    plain = fit.fit_scanner_response(meas, kvp=120, patient_water_cm=28)
+    stated = fit.fit_scanner_response(meas, kvp=120, patient_water_cm=28, filtration=(6.0, 0.0))
+    assert stated.ok and any("site's filtration" in n for n in stated.notes)
+    assert abs(stated.slope / a.bone_slope - 1) < 0.02 < abs(plain.slope / a.bone_slope - 1)
+    assert stated.effective_energy_sd_kev < plain.effective_energy_sd_kev
+    nominal = fit.choose_calibration(None, None, 120, 28, (6.0, 0.0))
+    assert nominal.source == "nominal" and abs(nominal.slope / a.bone_slope - 1) < 0.03

@@ -128,3 +128,22 @@ def test_phantom_scan_calibration_wins_and_a_missing_fit_falls_back_visibly(mode
     assert nominal.applied.source == "nominal" and "calibration_nominal" in [f.code for f in nominal.qc_flags]
     assert "100 kVp" in nominal.applied.sentence  # the phantom's in-memory CT carries its tube voltage
     assert nominal.mean_bmd_mg_cm3 != pytest.approx(with_scan.mean_bmd_mg_cm3, abs=0.5)
+
+
+def test_scanner_spec_sets_the_filtration_and_only_a_missing_kvp(tmp_path) -> None:
+    """``--scanner-spec``: the filtration goes into the fit's prior (recorded in results.json); the spec's kVp is
+    used only when the image has none (a NIfTI), the DICOM kVp wins."""
+    from LumbarBMDLib.batch import apply_scanner_spec
+    from LumbarBMDLib.phantom.physics import read_scanner_json
+
+    spec = read_scanner_json(Path(__file__).resolve().parents[1] / "docs" / "scanner_example.json")
+    case = generate_case(99_013, "A", "small")
+    apply_scanner_spec(case.ct, spec)
+    assert case.ct.metadata["kvp"] == 120.0 and case.ct.metadata["filtration_mm_al"] == spec.filtration_mm_al
+    a = assess_scanner(case.ct)
+    assert a.filtration == (spec.filtration_mm_al, spec.filtration_mm_cu)
+    assert a.as_json()["filtration_mm"] == {"al": spec.filtration_mm_al, "cu": spec.filtration_mm_cu}
+    assert any("site's filtration" in n for n in a.calibration.notes)
+    case.ct.metadata.pop("kvp")
+    apply_scanner_spec(case.ct, spec)
+    assert case.ct.metadata["kvp"] == spec.kvp and case.ct.metadata["kvp_source"] == "scanner spec"

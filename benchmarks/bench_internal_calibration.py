@@ -2,7 +2,9 @@
 
 Usage:  python benchmarks/bench_internal_calibration.py [--repeats 5] [--no-phantom] [--json OUT]
 
-Times :func:`~LumbarBMDLib.internal_calibration.tissues.find_reference_tissues` + :func:`contrast_phase` on
+Times the whole scanner assessment as the pipeline runs it
+(:func:`~LumbarBMDLib.internal_calibration.assess.assess_scanner`: reference tissues, contrast phase, scanner-response
+fit and the calibration choice) on
 
 * a full-size phantom case (512 × 512 × ~300, 0.74 mm pixels, 1 mm slices; non-contrast and contrast), with the
   L1–L4 centres from its labels as the pipeline's chain would give them; the tissue medians are printed against the
@@ -24,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from LumbarBMDLib.internal_calibration.phase import contrast_phase
-from LumbarBMDLib.internal_calibration.tissues import find_reference_tissues
+from LumbarBMDLib.internal_calibration.assess import assess_scanner
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.phantom.render import Tissue
 from LumbarBMDLib.phantom.scanner import scanner_profile
@@ -41,13 +42,15 @@ def _centres(ct, labels, ids) -> np.ndarray:
 
 
 def _time(ct, centres, repeats: int) -> tuple[list[float], object, object]:
+    """The whole assessment as the pipeline runs it (tissues, phase, fit, choice), timed ``repeats`` times."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        tissues = find_reference_tissues(ct, centres)
-        phase = contrast_phase(tissues)
+        a = assess_scanner(ct, centres)
         times.append(time.perf_counter() - t0)
-    return times, tissues, phase
+    print(f"\n  {a.choice.sentence}" + ("" if a.calibration is None else f"\n  {a.calibration.message}")
+          + f"\n  water-equivalent diameter: {a.tissues.water_equivalent_diameter_cm}")
+    return times, a.tissues, a.phase
 
 
 def _report(name: str, shape, times: list[float], tissues, phase, expected: dict | None = None,
@@ -86,7 +89,8 @@ def main() -> None:
         for variant in ("none", "contrast"):
             case = generate_case(3, "A", "full", variant)
             sc = scanner_profile("A")
-            blood, ivc = (280.0, 160.0) if variant == "contrast" else (sc.blood_hu, sc.blood_hu)
+            painted = case.truth["contrast"]["hu"] if variant == "contrast" else {}
+            blood, ivc = painted.get("aorta", sc.blood_hu), painted.get("ivc", sc.blood_hu)
             expected = {"air": -1000.0, "subcutaneous_fat": sc.fat_hu, "visceral_fat": sc.fat_hu + 11.0,
                         "paraspinal_muscle": sc.muscle_hu + 3.0, "aorta": blood, "ivc": ivc}
             centres = _centres(case.ct, case.labels, (1, 2, 3, 4))

@@ -2,7 +2,7 @@
 
 Usage:  python benchmarks/eval_bmd.py [--seg M] [--bmd M] [--cases 20] [--seed 95000] [--size small|full]
                                       [--vendors ABC] [--scanner FILE.json ...] [--variant none] [--no-kvp]
-                                      [--modes internal,phantom,nominal,uncalibrated] [--out DIR]
+                                      [--modes internal,phantom,nominal,uncalibrated[,uncorrected]] [--out DIR]
 
 For every case: canal → sagittal candidates → R2U-Net → localisation → trabecular patches → DenseNet-121, with
 the default models unless given. Each case is measured from the same segmentation with its HU mapped onto the
@@ -12,7 +12,10 @@ regression model's reference scale by:
   the reference tissues (air, fat, muscle, blood) when its fit is good, else the nominal line of the DICOM kVp;
 * ``phantom``: the scanner's K2HPO4 line fitted on its scan of the calibration phantom (asynchronous QCT);
 * ``nominal``: the line of an ideal scanner at the DICOM kVp (no tissue fit);
-* ``uncalibrated``: the HU as they are (the model's reference scale assumed).
+* ``uncalibrated``: the HU as they are (the model's reference scale assumed);
+* ``uncorrected``: as ``internal`` but without the contrast correction (what it changes on enhanced cohorts);
+* ``spec``: as ``internal`` with the scanner's equivalent filtration stated by the site (``lumbarbmd run
+  --scanner-spec``; here the scanner's own physics), which narrows the effective-energy prior.
 
 The contrast correction of the detected phase applies in the first three modes. ``--no-kvp`` drops the tube
 voltage a DICOM header would carry (a NIfTI has none). ``--scanner`` adds physically defined scanners the models
@@ -36,18 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_segmentation import reference_labels
 
+from LumbarBMDLib.batch import apply_scanner_spec
 from LumbarBMDLib.calibration import fit_calibration
 from LumbarBMDLib.evaluation import collect_pairs, read_truth, write_evaluation
+from LumbarBMDLib.internal_calibration.assess import assess_scanner
 from LumbarBMDLib.metrics import segmentation_metrics, summarise
 from LumbarBMDLib.phantom import generate_case
 from LumbarBMDLib.phantom.calibration_scan import calibration_scan
 from LumbarBMDLib.phantom.physical_scanner import as_physics, case_prefix, profile_from_physics
-from LumbarBMDLib.phantom.scanner import scanner_profile
-from LumbarBMDLib.pipeline import measure, measure_from_labels, results_json
+from LumbarBMDLib.phantom.scanner import VENDOR_PHYSICS, scanner_profile
+from LumbarBMDLib.pipeline import identified_body_centres, measure, measure_from_labels, results_json
 from LumbarBMDLib.regression import RegressionModel
 from LumbarBMDLib.segmentation import SegmentationModel
 
-MODES = ("internal", "phantom", "nominal", "uncalibrated")
+MODES = ("internal", "phantom", "nominal", "uncalibrated", "uncorrected", "spec")
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -72,7 +77,7 @@ def main() -> None:
     parser.add_argument("--scanner", action="append", default=[], help="a scanner physics JSON (repeatable)")
     parser.add_argument("--variant", default="none")
     parser.add_argument("--no-kvp", action="store_true", help="measure without the DICOM kVp")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES[:4]))
     parser.add_argument("--out", default="eval-bmd")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -118,6 +123,15 @@ def main() -> None:
                     measured = _remeasure(result, bmd_model, calibration, sc)
                 elif mode == "nominal":  # as if no reference tissue had been found
                     measured = _remeasure(result, bmd_model, None, replace(sc, calibration=None))
+                elif mode == "spec":
+                    spec = physics if physics is not None else VENDOR_PHYSICS[vendor]
+                    ct = result.annotation.volume
+                    apply_scanner_spec(ct, spec)
+                    measured = _remeasure(result, bmd_model, None, assess_scanner(
+                        ct, identified_body_centres(result.annotation.spine)))
+                elif mode == "uncorrected":
+                    measured = _remeasure(result, bmd_model, None, replace(
+                        sc, correction=replace(sc.correction, applied=False, delta_hu=0.0)))
                 else:
                     measured = _remeasure(result, bmd_model)
                 write_json(out / f"{name}_{mode}" / case.case_id / "results.json",

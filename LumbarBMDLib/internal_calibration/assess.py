@@ -118,6 +118,7 @@ class ScannerAssessment:
         choice: which calibration the pipeline uses and why (a phantom scan wins).
         seconds: wall time of the assessment (s).
         kvp: the DICOM kVp (None when absent).
+        filtration: the site's stated equivalent filtration (mm Al, mm Cu), None when not given.
     """
 
     tissues: ReferenceTissues
@@ -127,13 +128,14 @@ class ScannerAssessment:
     choice: CalibrationChoice
     seconds: float
     kvp: float | None = None
+    filtration: tuple[float, float] | None = None
 
     def with_phantom(self, phantom_calibration: Any | None) -> ScannerAssessment:
         """This assessment with the calibration choice remade for ``phantom_calibration`` (given or withdrawn after
         the assessment, as in Slicer between a run and an edit): a phantom scan wins, else the internal fit, else
         the nominal line."""
         choice = choose_calibration(phantom_calibration, self.calibration, self.kvp,
-                                    self.tissues.water_equivalent_diameter_cm)
+                                    self.tissues.water_equivalent_diameter_cm, self.filtration)
         return replace(self, choice=choice)
 
     def contrast_delta_hu(self) -> float:
@@ -191,6 +193,7 @@ class ScannerAssessment:
             "calibration_choice": {"source": self.choice.source, "slope": self.choice.slope,
                                    "intercept": self.choice.intercept, "sentence": self.choice.sentence},
             "kvp": self.kvp,
+            "filtration_mm": None if self.filtration is None else {"al": self.filtration[0], "cu": self.filtration[1]},
             "seconds": round(self.seconds, 3),
         }
 
@@ -227,7 +230,19 @@ def assess_scanner(volume: CTVolume, body_centres_lps: np.ndarray | None = None,
     inputs = fit_inputs(tissues)
     # Voxels near metal are already left out of every ROI (tissues.py); streaks beyond that show as residuals.
     wed = tissues.water_equivalent_diameter_cm
+    filtration = scanner_filtration(volume.metadata)
     calibration = fit_scanner_response(inputs, kvp=kvp, blood_enhanced=bool(phase.enhanced),
-                                       patient_water_cm=wed) if inputs else None
-    choice = choose_calibration(phantom_calibration, calibration, kvp, wed)
-    return ScannerAssessment(tissues, phase, correction, calibration, choice, time.perf_counter() - t0, kvp)
+                                       patient_water_cm=wed, filtration=filtration) if inputs else None
+    choice = choose_calibration(phantom_calibration, calibration, kvp, wed, filtration)
+    return ScannerAssessment(tissues, phase, correction, calibration, choice, time.perf_counter() - t0, kvp,
+                             filtration)
+
+
+def scanner_filtration(metadata: dict) -> tuple[float, float] | None:
+    """The site's stated equivalent filtration ``(mm Al, mm Cu)`` from a volume's metadata (``filtration_mm_al``,
+    ``filtration_mm_cu``: set from ``lumbarbmd run --scanner-spec``), None when not given."""
+    al = metadata.get("filtration_mm_al")
+    if not isinstance(al, (int, float)) or not np.isfinite(al):
+        return None
+    cu = metadata.get("filtration_mm_cu", 0.0)
+    return float(al), float(cu) if isinstance(cu, (int, float)) and np.isfinite(cu) else 0.0

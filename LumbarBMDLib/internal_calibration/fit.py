@@ -319,6 +319,51 @@ def energy_prior(kvp: float, patient_water_cm: float | None = None) -> tuple[flo
     return float(np.interp(x, sizes, means)), float(np.interp(x, sizes, sds))
 
 
+#: How well a site knows its scanner's equivalent filtration at the centre ray (mm Al, mm Cu), e.g. from the service
+#: manual or the medical physicist's half-value-layer measurement: ± 1 mm Al, ± 0.05 mm Cu (1 SD, an assumption).
+FILTRATION_SD = (1.0, 0.05)
+#: Interpolation and spectral-shape error of the table's effective energy at a given filtration (keV, assumed).
+FILTRATION_MODEL_SD_KEV = 0.5
+#: Patient size assumed, and its spread, when the water-equivalent diameter is unknown (cm): adult abdomens 25–35.
+DEFAULT_PATIENT_WATER_CM = (30.0, 5.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _energy_grid():
+    """Linear interpolator of the table's effective energy over (kVp, mm Al, mm Cu, patient cm)."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    rows = load_table()["rows"]
+    keys = ("kvp", "filtration_mm_al", "filtration_mm_cu", "patient_water_cm")
+    axes = [sorted({float(r[k]) for r in rows}) for k in keys]
+    grid = np.full([len(a) for a in axes], np.nan)
+    for r in rows:
+        grid[tuple(axes[i].index(float(r[k])) for i, k in enumerate(keys))] = r["effective_energy_kev"]
+    return RegularGridInterpolator(axes, grid), axes
+
+
+def energy_prior_from_filtration(kvp: float, mm_al: float, mm_cu: float = 0.0,
+                                 patient_water_cm: float | None = None) -> tuple[float, float]:
+    """(mean, SD) effective energy (keV) of a scanner whose kVp and equivalent filtration are known (a site's
+    scanner description, ``lumbarbmd run --scanner-spec``), interpolated in the response table; the SD combines
+    :data:`FILTRATION_SD`, the patient's size when unknown (:data:`DEFAULT_PATIENT_WATER_CM`) and
+    :data:`FILTRATION_MODEL_SD_KEV`. Values are clamped to the table (80–140 kVp, 3–12 mm Al, 0–0.4 mm Cu,
+    15–45 cm)."""
+    interp, axes = _energy_grid()
+
+    def e(k: float, al: float, cu: float, size: float) -> float:
+        point = [float(np.clip(v, ax[0], ax[-1])) for v, ax in zip((k, al, cu, size), axes)]
+        return float(interp([point])[0])
+
+    size, size_sd = (patient_water_cm, 0.0) if patient_water_cm is not None else DEFAULT_PATIENT_WATER_CM
+    mean = e(kvp, mm_al, mm_cu, size)
+    d_al = 0.5 * (e(kvp, mm_al + FILTRATION_SD[0], mm_cu, size) - e(kvp, mm_al - FILTRATION_SD[0], mm_cu, size))
+    d_cu = 0.5 * (e(kvp, mm_al, mm_cu + FILTRATION_SD[1], size) - e(kvp, mm_al, max(mm_cu - FILTRATION_SD[1], 0.0),
+                                                                     size))
+    d_size = 0.5 * (e(kvp, mm_al, mm_cu, size + size_sd) - e(kvp, mm_al, mm_cu, size - size_sd)) if size_sd else 0.0
+    return mean, float(math.sqrt(d_al ** 2 + d_cu ** 2 + d_size ** 2 + FILTRATION_MODEL_SD_KEV ** 2))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 
@@ -582,7 +627,8 @@ def _missing_kinds(used: list[TissueFit]) -> list[str]:
 
 def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = None, blood_enhanced: bool = False,
                          metal: bool = False, patient_water_cm: float | None = None,
-                         floor_scale: float = 1.0) -> InternalCalibration:
+                         floor_scale: float = 1.0, filtration: tuple[float, float] | None = None
+                         ) -> InternalCalibration:
     """Fit the scanner response to the reference tissues' HU and derive the K2HPO4 calibration.
 
     Args:
@@ -596,6 +642,9 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
             (:func:`energy_prior`); ignored without ``kvp``.
         floor_scale: multiplies every tissue's biological floor (1: the documented floors; smaller only where a
             site knows its population better, or in tests of the model itself).
+        filtration: the scanner's equivalent filtration ``(mm Al, mm Cu)`` when the site states it: with ``kvp``,
+            the energy prior comes from it (:func:`energy_prior_from_filtration`) instead of the table's whole
+            filtration range.
 
     Returns:
         the :class:`InternalCalibration`, verdict "ok" or "poor" with its reasons. A poor fit still carries
@@ -604,7 +653,12 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
     notes: list[str] = []
     reasons: list[str] = []
     curve = response_curve(kvp)
-    prior = energy_prior(kvp, patient_water_cm) if kvp is not None else curve.prior_kev
+    if kvp is not None and filtration is not None:
+        prior = energy_prior_from_filtration(kvp, filtration[0], filtration[1], patient_water_cm)
+        notes.append(f"The site's filtration ({filtration[0]:g} mm Al + {filtration[1]:g} mm Cu at {kvp:g} kVp) sets "
+                     f"the effective-energy prior: {prior[0]:.1f} ± {prior[1]:.1f} keV.")
+    else:
+        prior = energy_prior(kvp, patient_water_cm) if kvp is not None else curve.prior_kev
     if kvp is None:
         notes.append(f"No DICOM kVp: the effective-energy prior spans all the table's 80–140 kVp spectra "
                      f"({prior[0]:.0f} ± {prior[1]:.0f} keV).")
@@ -626,19 +680,36 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
         return InternalCalibration(nan, nan, nan, nan, nan, nan, nan, rows, nan, 0, nan, kvp, prior, None,
                                    "poor", reasons, notes)
 
-    sol = _solve(curve, used, prior)
+    def solve_and_score(tissues: list[TissueFit]) -> _Solution:
+        solution = _solve(curve, tissues, prior)
+        for t in tissues:
+            t.model_hu = model_hu(curve, REFERENCE_TISSUES[t.reference].material, *(float(v) for v in solution.theta))
+            t.residual_hu = t.measured_hu - t.model_hu
+            t.pull = t.residual_hu / t.sigma_hu
+        return solution
+
+    def off_model(t: TissueFit) -> bool:
+        return abs(t.pull) > MAX_PULL or abs(t.residual_hu) > REFERENCE_TISSUES[t.reference].max_residual_hu
+
+    sol = solve_and_score(used)
+    # One tissue off the model (a vessel ROI on a bowel loop, a fatty muscle) is left out and the fit redone, when
+    # what remains still fits three parameters with a check left over; a second one makes the fit poor.
+    worst = max(used, key=lambda t: abs(t.pull))
+    rest = [t for t in used if t is not worst]
+    if off_model(worst) and len(rest) >= MIN_TISSUES and not _missing_kinds(rest):
+        worst.used, worst.note = False, "off the model: left out, the fit redone without it"
+        notes.append(f"{worst.name} read {worst.measured_hu:.0f} HU where the fitted scanner predicted "
+                     f"{worst.model_hu:.0f} HU ({worst.pull:+.1f} σ): left out (a wrong ROI or an unusual tissue) and "
+                     "the fit redone without it.")
+        used = rest
+        sol = solve_and_score(used)
     e, w, a = (float(v) for v in sol.theta)
-    for t in used:
-        t.model_hu = model_hu(curve, REFERENCE_TISSUES[t.reference].material, e, w, a)
-        t.residual_hu = t.measured_hu - t.model_hu
-        t.pull = t.residual_hu / t.sigma_hu
     slope, intercept = k2hpo4_line(curve, e, w, a)
     dof = len(used) + (prior is not None) + 2 - 3  # the tissues, the energy prior and the two offset priors
     rms = float(np.sqrt(np.mean([t.residual_hu ** 2 for t in used])))
 
     for t in used:
-        ref = REFERENCE_TISSUES[t.reference]
-        if abs(t.pull) > MAX_PULL or abs(t.residual_hu) > ref.max_residual_hu:
+        if off_model(t):
             t.note = "off the model"
             reasons.append(f"{t.name} reads {t.measured_hu:.0f} HU where the fitted scanner predicts "
                            f"{t.model_hu:.0f} HU (residual {t.residual_hu:+.0f} HU, {t.pull:+.1f} σ): a wrong ROI, "
@@ -676,13 +747,15 @@ def fit_scanner_response(measurements: Mapping[str, Any], kvp: float | None = No
 NOMINAL_KVP = 120.0
 
 
-def nominal_line(kvp: float | None = None, patient_water_cm: float | None = None) -> tuple[float, float, float]:
+def nominal_line(kvp: float | None = None, patient_water_cm: float | None = None,
+                 filtration: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """``(slope, intercept, energy keV)``: the K2HPO4 line of an ideal scanner at ``kvp`` (default
     :data:`NOMINAL_KVP`), from the table's mean effective energy and no water/air error (the fallback of
     :func:`choose_calibration`: off by the unknown filtration, ≈ ± 5 % of BMD, and a few HU of water error)."""
     k = float(kvp) if kvp is not None else NOMINAL_KVP
     curve = response_curve(k)
-    e = energy_prior(k, patient_water_cm)[0]
+    e = (energy_prior_from_filtration(k, filtration[0], filtration[1], patient_water_cm)[0]
+         if filtration is not None and kvp is not None else energy_prior(k, patient_water_cm)[0])
     slope, intercept = k2hpo4_line(curve, e, 0.0, 0.0)
     return slope, intercept, e
 
@@ -709,7 +782,8 @@ class CalibrationChoice:
 
 
 def choose_calibration(phantom: Any | None, internal: InternalCalibration | None, kvp: float | None = None,
-                       patient_water_cm: float | None = None) -> CalibrationChoice:
+                       patient_water_cm: float | None = None, filtration: tuple[float, float] | None = None
+                       ) -> CalibrationChoice:
     """A phantom-scan calibration wins when given; else the internal fit when ok; else the nominal line of the
     DICOM kVp (120 kVp without it), said visibly with the reasons the internal fit was not used."""
     e_fit = internal.effective_energy_kev if internal is not None and internal.ok else float("nan")
@@ -724,7 +798,7 @@ def choose_calibration(phantom: Any | None, internal: InternalCalibration | None
                                  f"{internal.slope:.3f} × BMD at {internal.effective_energy_kev:.1f} keV.", e_fit)
     why = "no reference tissue was found" if internal is None else "the internal fit is poor: " + " ".join(
         internal.reasons)
-    slope, intercept, e = nominal_line(kvp, patient_water_cm)
+    slope, intercept, e = nominal_line(kvp, patient_water_cm, filtration)
     volts = f"the DICOM {kvp:g} kVp" if kvp is not None else f"{NOMINAL_KVP:g} kVp (no DICOM kVp)"
     return CalibrationChoice("nominal", slope, intercept,
                              f"Calibration: nominal, an ideal scanner at {volts}, HU = {intercept:+.1f} + "
