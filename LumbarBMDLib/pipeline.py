@@ -241,15 +241,19 @@ def case_flags(ident, anatomical: AnatomicalSegmentation | None, metadata: dict 
 
 def measure_from_labels(annotation: Annotation, labels: np.ndarray, geometry: SagittalGeometry,
                         bmd_model: RegressionModel, calibration: ScannerCalibration | None = None,
-                        scanner: ScannerAssessment | None = None) -> CaseResult:
+                        scanner: ScannerAssessment | None = None, assess: bool = True) -> CaseResult:
     """Re-run localisation, patches and regression on edited labels (the Slicer correction loop).
 
-    ``scanner``: the case's scanner assessment from :func:`measure` (it does not depend on the labels), carried over.
+    ``scanner``: the case's scanner assessment from :func:`measure` (it does not depend on the labels), carried over;
+    without one it is made here (a scene reloaded in Slicer keeps the labels, not the assessment), unless ``assess``
+    is False (then only ``calibration`` maps the HU, identity without it: for comparisons).
 
     The person's labels are measured as drawn; they are checked against the vertebral chain: two levels drawn on one
     vertebra are not measured, and a level drawn on a vertebra that the anatomy numbers differently is flagged.
     """
-    if scanner is not None:
+    if scanner is None and assess:
+        scanner = assess_scanner(annotation.volume, identified_body_centres(annotation.spine), calibration)
+    elif scanner is not None:
         scanner = scanner.with_phantom(calibration)  # the calibration given now wins (or is withdrawn)
     transform, applied = hu_transform_for(bmd_model, calibration, scanner)
     labels = np.asarray(labels, np.uint8)

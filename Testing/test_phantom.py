@@ -19,6 +19,7 @@ from LumbarBMDLib.phantom import (
     anatomy,
     generate_case,
     generate_cohort,
+    render,
     write_case,
 )
 from LumbarBMDLib.phantom.render import Tissue
@@ -144,6 +145,14 @@ def test_same_arguments_give_identical_case(small_case):
     assert again.truth == small_case.truth
 
 
+def spongiosa_hu(level_truth: dict, scanner) -> float:
+    """The spongiosa's mean HU of a level (truth.json) on ``scanner``: its mineral line plus its marrow-fat term,
+    which scales with fat's contrast on that scanner (render.trabecular_hu)."""
+    marrow = (render.MARROW_FAT_HU_PER_FRACTION * (level_truth["marrow_fat_fraction"] - 0.35)
+              * render.fat_contrast_scale(scanner))
+    return scanner.mineral_to_hu(level_truth["bmd_mg_cm3"]) + marrow
+
+
 def test_same_seed_other_vendor_is_same_patient_on_another_scanner(small):
     a, b = small(vendor="A"), small(vendor="B")
     np.testing.assert_array_equal(a.labels, b.labels)
@@ -151,9 +160,9 @@ def test_same_seed_other_vendor_is_same_patient_on_another_scanner(small):
     assert a.truth["mean_bmd_mg_cm3"] == b.truth["mean_bmd_mg_cm3"]
     assert (a.truth["vendor"], b.truth["vendor"]) == ("A", "B")
     assert not np.array_equal(a.ct.hu, b.ct.hu)
-    # B's calibration (slope 0.95, intercept +14) against A's (1.10, +5) at this patient's L3 BMD
-    bmd = a.truth["bmd_mg_cm3"]["L3"]
-    expected = SCANNERS["B"].mineral_to_hu(bmd) - SCANNERS["A"].mineral_to_hu(bmd)
+    # B's mineral line and marrow-fat contrast (135 kVp) against A's (120 kVp) at this patient's L3
+    vert = a.truth["levels"]["L3"]
+    expected = spongiosa_hu(vert, SCANNERS["B"]) - spongiosa_hu(vert, SCANNERS["A"])
     truth_diff = b.truth["levels"]["L3"]["trabecular_hu"] - a.truth["levels"]["L3"]["trabecular_hu"]
     assert truth_diff == pytest.approx(expected, abs=0.02)
     measured = spongiosa_mean_hu(b) - spongiosa_mean_hu(a)
@@ -364,8 +373,8 @@ def test_spongiosa_hu_follows_each_vendors_calibration(small):
     for v, c in cases.items():
         assert measured[v] == pytest.approx(c.truth["levels"]["L3"]["trabecular_hu"], abs=8.0), (v, measured)
         assert c.truth["scanner"]["vendor"] == v
-    bmd = cases["A"].truth["bmd_mg_cm3"]["L3"]
-    calibrated = {v: SCANNERS[v].mineral_to_hu(bmd) for v in "ABC"}
+    vert = cases["A"].truth["levels"]["L3"]
+    calibrated = {v: spongiosa_hu(vert, SCANNERS[v]) for v in "ABC"}
     assert sorted("ABC", key=measured.get) == sorted("ABC", key=calibrated.get)
     for v in "BC":
         assert measured[v] - measured["A"] == pytest.approx(calibrated[v] - calibrated["A"], abs=3.0)

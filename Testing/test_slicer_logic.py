@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -57,7 +58,8 @@ def case():
 def direct(case):
     """The library run directly on the same CT: what the Logic must reproduce exactly."""
     seg, bmd = SegmentationModel.load(device="cpu"), RegressionModel.load(device="cpu")
-    result = measure(case.ct, seg, bmd)
+    # as the Logic sees it: a volume node carries no DICOM kVp (the phantom's in-memory CT does)
+    result = measure(replace(case.ct, metadata={}), seg, bmd)
     return result, results_json(result, "direct", seg, bmd)
 
 

@@ -60,9 +60,9 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1), encoding="utf-8")
 
 
-def _remeasure(result, bmd_model, calibration=None, scanner=None):
+def _remeasure(result, bmd_model, calibration=None, scanner=None, assess=True):
     return replace(measure_from_labels(result.annotation, result.labels, result.label_geometry, bmd_model,
-                                       calibration, scanner),
+                                       calibration, scanner, assess),
                    segmentation=result.segmentation, numbering_anchor=result.numbering_anchor)
 
 
@@ -133,7 +133,7 @@ def main() -> None:
                     measured = _remeasure(result, bmd_model, None, replace(
                         sc, correction=replace(sc.correction, applied=False, delta_hu=0.0)))
                 else:
-                    measured = _remeasure(result, bmd_model)
+                    measured = _remeasure(result, bmd_model, assess=False)
                 write_json(out / f"{name}_{mode}" / case.case_id / "results.json",
                            results_json(measured, case.case_id, seg_model, bmd_model))
             del case

@@ -67,6 +67,10 @@ ILIAC_A_MM = (-40.0, 48.0)  # … beside the body, short of the scapula behind (
 ILIAC_BOX_MM = 9.0  # boxes small enough that an oblique rib crosses each in 15–25 mm of z
 ILIAC_WINDOW_MM = 30.0
 ILIAC_MIN_RUN_MM = 54.0  # of the 61.5 mm window (real example: 62 beside S1 and L5)
+#: The iliac crest lies at L4–L5: with the sacrum seen, bone beside a vertebra more than this many levels above S1 is
+#: not tested for an iliac plate. Higher up, the kidneys run as plates beside T12–L2 and, enhanced (150–250 HU in the
+#: portal-venous and nephrographic phases), read as bone: a contrast phantom's T12 ribs were dropped as "iliac".
+ILIAC_MAX_LEVELS_ABOVE_S1 = 2
 
 
 @dataclass
@@ -349,6 +353,9 @@ def find_anchors(volume: CTVolume, chain: VertebralChain) -> Anchors:
     iliac: dict[int, bool] = {}
     for r in ribs:
         if r.body is None or r.body in sacrum.sacral_bodies:
+            continue
+        if sacrum.seen and sacrum.body is not None and r.body < sacrum.body - ILIAC_MAX_LEVELS_ABOVE_S1:
+            sides[r.body].add(r.side)  # too high for an iliac crest (L4–L5): no plate test
             continue
         if r.body not in iliac:  # an iliac crest touching a transverse process reaches as far as a rib
             iliac[r.body] = iliac_plates(volume, chain.bodies[r.body].centre_lps) >= ILIAC_MIN_RUN_MM
