@@ -45,7 +45,7 @@ RIB_A_RANGE_MM = (-40.0, 30.0)  # rib neck and angle lie beside and behind the b
 RIB_MAX_VOLUME_MM3 = 20000.0  # the proximal 40 mm of a rib is 2–8 cm³; an iliac wing is far larger
 RIB_MAX_EXTENT_MM = 60.0  # ... and spans at most this along the spine inside the band (ribs descend ≈ 30–45°)
 RIB_MIN_VOLUME_MM3 = 150.0
-RIB_THRESHOLDS_HU = (BONE_HU, 220.0)  # bone followed at each (see find_ribs)
+RIB_THRESHOLDS_HU = (BONE_HU, 220.0, 350.0)  # bone followed at each (see find_ribs)
 RIB_SAME_MM = 8.0
 METAL_HU = 2500.0  # titanium and steel implants (and their streaks' cores); no bone reaches it
 RIB_METAL_MM = 10.0  # no rib leaves the spine within this of a plane with metal in or beside the vertebra
@@ -155,9 +155,11 @@ def _zone_of(chain: VertebralChain, s_mm: float) -> int | None:
 def find_ribs(band: Straightened, chain: VertebralChain, volume: CTVolume | None = None) -> list[Rib]:
     """Ribs leaving the spine (see the module docstring), each assigned to the chain body at its origin.
 
-    Bone is followed at two thresholds, ``RIB_THRESHOLDS_HU``: at 150 HU a thin rib of a 3–5 mm scan stays whole; at
-    220 HU a rib touching an enhancing kidney (150–250 HU after contrast) is cut loose from it. A rib found at
-    either counts once (the same side, origins within ``RIB_SAME_MM``).
+    Bone is followed at three thresholds, ``RIB_THRESHOLDS_HU``: at 150 HU a thin rib of a 3–5 mm scan stays whole;
+    at 220 HU a rib touching an enhancing kidney (150–250 HU in the portal-venous phase) is cut loose from it; at
+    350 HU one touching the renal cortex of the arterial phase (≈ 250–300 HU: +205 HU over unenhanced kidney, Eur J
+    Radiol 2007;63:420; the phantom's arterial T12 ribs were lost at 220 HU). A rib found at any counts once (the
+    same side, origins within ``RIB_SAME_MM``).
     """
     found: list[Rib] = []
     for threshold in RIB_THRESHOLDS_HU:
