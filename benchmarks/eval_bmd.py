@@ -125,8 +125,8 @@ def main() -> None:
                     measured = _remeasure(result, bmd_model, None, replace(sc, calibration=None))
                 elif mode == "spec":
                     spec = physics if physics is not None else VENDOR_PHYSICS[vendor]
-                    ct = result.annotation.volume
-                    apply_scanner_spec(ct, spec)
+                    ct = replace(result.annotation.volume, metadata=dict(result.annotation.volume.metadata))
+                    apply_scanner_spec(ct, spec)  # on a copy of the metadata: the other modes see the case as read
                     measured = _remeasure(result, bmd_model, None, assess_scanner(
                         ct, identified_body_centres(result.annotation.spine)))
                 elif mode == "uncorrected":

@@ -62,13 +62,17 @@ def iodine_response_hu_per_mg_ml(energy_kev: float, kvp: float | None = None) ->
         / IODINE_PROBE_MG_ML
 
 
-def iodine_scale_to_120kvp(kvp: float | None) -> float:
-    """Iodine's HU per mg/mL at 120 kVp over that at ``kvp`` (mean effective energies of the response table's
-    spectra); 1 without a kVp (the phase thresholds are then taken as they are)."""
-    if kvp is None:
-        return 1.0
+def iodine_ratio_to_120kvp(energy_kev: float, kvp: float | None = None) -> float:
+    """Iodine's HU per mg/mL at 120 kVp (the response table's mean effective energy there) over that at
+    ``energy_kev`` (> 1 for a harder beam, < 1 for a softer one)."""
     return iodine_response_hu_per_mg_ml(energy_prior(CORRECTION_KVP)[0], CORRECTION_KVP) \
-        / iodine_response_hu_per_mg_ml(energy_prior(kvp)[0], kvp)
+        / iodine_response_hu_per_mg_ml(energy_kev, kvp)
+
+
+def iodine_scale_to_120kvp(kvp: float | None) -> float:
+    """:func:`iodine_ratio_to_120kvp` at the mean effective energy of ``kvp``'s spectra; 1 without a kVp (the phase
+    thresholds are then taken as they are)."""
+    return 1.0 if kvp is None else iodine_ratio_to_120kvp(energy_prior(kvp)[0], kvp)
 
 
 @dataclass(frozen=True)
@@ -145,9 +149,7 @@ class ScannerAssessment:
         e = self.choice.effective_energy_kev
         if not np.isfinite(e):
             e = energy_prior(self.kvp if self.kvp is not None else NOMINAL_KVP)[0]
-        e_ref = energy_prior(CORRECTION_KVP)[0]
-        return self.correction.delta_hu * iodine_response_hu_per_mg_ml(e, self.kvp) \
-            / iodine_response_hu_per_mg_ml(e_ref, CORRECTION_KVP)
+        return self.correction.delta_hu / iodine_ratio_to_120kvp(e, self.kvp)
 
     def applied(self, reference: Any | None) -> AppliedCalibration:
         """The calibration and contrast correction applied, onto ``reference`` (the regression model's reference
