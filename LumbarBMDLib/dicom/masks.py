@@ -38,20 +38,36 @@ LEVELS = ("L1", "L2", "L3", "L4")
 
 @dataclass
 class LevelMasks:
-    """Binary masks on the source frames that any of them reaches.
+    """Binary masks on the source frames that any of them reaches, one array for all segments (what the SEG takes).
 
     Attributes:
-        frames: int ``(m,)`` indices (ascending) of the source frames the arrays below hold: every frame that the
-            body slab or a trabecular window can reach (the other frames are empty).
-        bodies: ``{level: bool (m, rows, columns)}`` for every level with pixels in the label image.
-        rois: ``{level: bool (m, rows, columns)}`` for every level with a trabecular patch.
+        frames: int ``(m,)`` indices (ascending) of the source frames ``array`` holds: every frame that the body slab
+            or a trabecular window can reach (the other frames are empty).
+        array: bool ``(m, rows, columns, S)``: segment ``s`` of frame ``frames[i]`` is ``array[i, :, :, s]``.
+        segments: ``[(level, kind), …]`` of the ``S`` segments, kind ``"body"`` or ``"roi"``: the bodies of the levels
+            with pixels in the label image (L1 … L4 order), then the ROIs of the levels with a trabecular patch.
         slab_half_mm: half the thickness of the slab the body labels were extruded across (mm).
+
+    Memory: ``m × rows × columns × S`` bytes, e.g. 137 × 512 × 512 × 8 = 287 MB for L1–L4 at 1 mm slices.
     """
 
     frames: np.ndarray
-    bodies: dict[str, np.ndarray]
-    rois: dict[str, np.ndarray]
+    array: np.ndarray
+    segments: list[tuple[str, str]]
     slab_half_mm: float
+
+    def _of(self, kind: str) -> dict[str, np.ndarray]:
+        return {lv: self.array[..., s] for s, (lv, kd) in enumerate(self.segments) if kd == kind}
+
+    @property
+    def bodies(self) -> dict[str, np.ndarray]:
+        """``{level: bool (m, rows, columns)}`` views of the body segments."""
+        return self._of("body")
+
+    @property
+    def rois(self) -> dict[str, np.ndarray]:
+        """``{level: bool (m, rows, columns)}`` views of the trabecular-ROI segments."""
+        return self._of("roi")
 
 
 def slab_half_thickness_mm(candidate_geometry: SagittalGeometry | None) -> float:
@@ -108,10 +124,31 @@ def _frames_reaching(source: SourceSeries, lo_z: float, hi_z: float) -> list[int
     return out
 
 
+def pixel_window(source: SourceSeries, k: int, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice]:
+    """(rows, columns) slices of frame ``k`` that hold every pixel centre inside the LPS box [lo, hi] (mm), plus one
+    pixel of margin; empty slices when the box misses the frame."""
+    n_rows, n_cols = source.shape[1:]
+    ipp, row_dir, col_dir = source.frame_lps[k]
+    dr, dc = source.pixel_spacing
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    c = (corners - ipp) @ row_dir / dc
+    r = (corners - ipp) @ col_dir / dr
+    r0, r1 = max(int(np.floor(r.min())) - 1, 0), min(int(np.ceil(r.max())) + 2, n_rows)
+    c0, c1 = max(int(np.floor(c.min())) - 1, 0), min(int(np.ceil(c.max())) + 2, n_cols)
+    return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
+
+
+def _window_lps(source: SourceSeries, k: int, window: tuple[slice, slice]) -> np.ndarray:
+    rows, cols = window
+    return source.pixel_lps(k, np.arange(rows.start, rows.stop), np.arange(cols.start, cols.stop))
+
+
 def level_masks(source: SourceSeries, labels: np.ndarray, label_geometry: SagittalGeometry,
                 patch_centres: dict[str, np.ndarray], candidate_geometry: SagittalGeometry | None = None
                 ) -> LevelMasks:
     """The body and trabecular-ROI masks of every level on the source frames (rules in the module docstring).
+
+    Only the pixels of each frame that the slab's (or a window's) LPS bounding box can reach are computed.
 
     Args:
         source: the source series (frames in the CT volume's order).
@@ -127,25 +164,31 @@ def level_masks(source: SourceSeries, labels: np.ndarray, label_geometry: Sagitt
     half = slab_half_thickness_mm(candidate_geometry)
     present = [(v, name) for v, name in enumerate(LEVELS, start=1) if (labels == v).any()]
     body_frames: list[int] = []
+    body_box = None
     if present:
         rr, cc = np.nonzero(np.isin(labels, [v for v, _ in present]))
-        pts = label_geometry.pixel_to_lps(np.stack([cc, rr, np.zeros_like(cc)], axis=1).astype(float))
-        body_frames = _frames_reaching(source, pts[:, 2].min() - label_geometry.pixel_mm,
-                                       pts[:, 2].max() + label_geometry.pixel_mm)
-    boxes = {name: roi_box_lps(centre, source.slice_spacing_mm) for name, centre in patch_centres.items()}
+        ends = np.array([[cc.min(), rr.min(), 0.0], [cc.max(), rr.max(), 0.0]], dtype=float)
+        pts = label_geometry.pixel_to_lps(ends)
+        margin = label_geometry.pixel_mm
+        plane_x = float(pts[0, 0])
+        body_box = (np.array([plane_x - half, pts[:, 1].min() - margin, pts[:, 2].min() - margin]),
+                    np.array([plane_x + half, pts[:, 1].max() + margin, pts[:, 2].max() + margin]))
+        body_frames = _frames_reaching(source, body_box[0][2], body_box[1][2])
+    boxes = {name: roi_box_lps(patch_centres[name], source.slice_spacing_mm) for name in LEVELS
+             if name in patch_centres}
     roi_frames = {name: _frames_reaching(source, lo[2], hi[2]) for name, (lo, hi) in boxes.items()}
     frames = np.array(sorted(set(body_frames).union(*roi_frames.values())), dtype=int)
     at = {int(k): i for i, k in enumerate(frames)}
-    bodies = {name: np.zeros((len(frames), rows, cols), dtype=bool) for _, name in present}
+    segments = [(name, "body") for _, name in present] + [(name, "roi") for name in boxes]
+    array = np.zeros((len(frames), rows, cols, len(segments)), dtype=bool)
     for k in body_frames:
-        frame = body_labels_on_frame(source.pixel_lps(k), labels, label_geometry, half)
-        for v, name in present:
-            bodies[name][at[k]] = frame == v
-    rois = {}
-    for name, (lo, hi) in boxes.items():
-        mask = np.zeros((len(frames), rows, cols), dtype=bool)
+        win = pixel_window(source, k, *body_box)
+        frame = body_labels_on_frame(_window_lps(source, k, win), labels, label_geometry, half)
+        for s, (v, _) in enumerate(present):
+            array[at[k], win[0], win[1], s] = frame == v
+    for s, (name, (lo, hi)) in enumerate(boxes.items(), start=len(present)):
         for k in roi_frames[name]:
-            p = source.pixel_lps(k)
-            mask[at[k]] = np.all((p >= lo) & (p <= hi), axis=-1)
-        rois[name] = mask
-    return LevelMasks(frames, bodies, rois, half)
+            win = pixel_window(source, k, lo, hi)
+            p = _window_lps(source, k, win)
+            array[at[k], win[0], win[1], s] = np.all((p >= lo) & (p <= hi), axis=-1)
+    return LevelMasks(frames, array, segments, half)
