@@ -266,6 +266,8 @@ def test_sr_levels_equal_results_json(case, sr, seg):
         assert bmd.unit.value == "mg/cm3" and bmd.unit.scheme_designator == "UCUM"
         (conf,) = group.get_measurements(name=codes.SEGMENTATION_CONFIDENCE)
         assert conf.value == entry["confidence"]
+        (ident,) = group.get_measurements(name=codes.IDENTIFICATION_CONFIDENCE)
+        assert ident.value == entry["identification"]["confidence"]
         (category,) = group.get_qualitative_evaluations(name=codes.BMD_CATEGORY)
         assert category.value == codes.CATEGORY_VALUE[entry["category"]]
 

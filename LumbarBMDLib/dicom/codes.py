@@ -16,8 +16,9 @@ Standard codes (SNOMED CT "SCT", DICOM "DCM", UCUM):
 **Local codes** (coding scheme designator ``99LUMBARBMD``, private as PS3.16 allows with the "99" prefix), where no
 standard code was verified for the concept: volumetric BMD (QCT-equivalent, K2HPO4 mg/cm³; LOINC and SNOMED codes
 for bone density found are DXA areal or T/Z-scores, not this quantity), the category concept (ACR/ISCD spine QCT
-thresholds), the segmentation confidence, and the text items (calibration, contrast phase, QC flag, level not
-measured, algorithm). Replace a local code here when a standard one is adopted: nothing else names them.
+thresholds), the segmentation and identification confidences, and the text items (calibration, contrast phase,
+QC flag, level not measured, algorithm). Replace a local code here when a standard one is adopted: nothing else
+names them.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ NO_UNITS = CodedConcept("1", "UCUM", "no units")
 BMD = _local("VBMD", "Volumetric bone mineral density (QCT-equivalent, K2HPO4)")
 BMD_CATEGORY = _local("BMDCAT", "BMD category (ACR/ISCD spine QCT)")
 SEGMENTATION_CONFIDENCE = _local("SEGCONF", "Segmentation confidence (mean fused network probability)")
+IDENTIFICATION_CONFIDENCE = _local("IDCONF", "Level identification confidence (anatomical numbering)")
 CALIBRATION = _local("CALIB", "Calibration used")
 CONTRAST_PHASE = _local("PHASE", "Contrast phase")
 QC_FLAG = _local("QCFLAG", "Quality control flag")

@@ -8,8 +8,9 @@ Content tree (``hd.sr.MeasurementReport``, title Imaging Measurement Report, pro
   ``"L1 trabecular ROI"`` with the SEG segment's tracking UID; the ROI = the SEG's trabecular-ROI segment
   (``ReferencedSegment``, with the source images it was derived from); finding site = the vertebra (SCT); finding type
   Bone; measurements: the BMD (mg/cm3, the value of results.json, which is rounded to 0.1 mg/cm³), with the algorithm
-  (LumbarBMD, version, the models' sha256 as parameters), and the segmentation confidence (results.json, no units)
-  when there is one; qualitative evaluation: the category (Osteoporosis / Osteopenia / Normal, SCT);
+  (LumbarBMD, version, the models' sha256 as parameters), the segmentation confidence and the level identification
+  confidence (results.json, no units) when there are; qualitative evaluation: the category (Osteoporosis /
+  Osteopenia / Normal, SCT);
 * one **measurement group** (TID 1501) for the patient: tracking identifier ``"patient mean L1-L4"``, finding site
   Lumbar spine, the mean BMD (derivation Mean) and its category;
 * a **Qualitative Evaluations** container (TID 1500's last rows) of TEXT items: the calibration used (source phantom /
@@ -74,6 +75,10 @@ def level_group(entry: dict, info: SegmentInfo, seg, models: dict | None):
                                       algorithm_id=_algorithm(models))]
     if entry.get("confidence") is not None:
         measurements.append(hd.sr.Measurement(name=codes.SEGMENTATION_CONFIDENCE, value=float(entry["confidence"]),
+                                              unit=codes.NO_UNITS, algorithm_id=_algorithm(models)))
+    identification = (entry.get("identification") or {}).get("confidence")
+    if identification is not None:
+        measurements.append(hd.sr.Measurement(name=codes.IDENTIFICATION_CONFIDENCE, value=float(identification),
                                               unit=codes.NO_UNITS, algorithm_id=_algorithm(models)))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=info.tracking_uid, identifier=info.label),
