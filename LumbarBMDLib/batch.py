@@ -34,13 +34,14 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from LumbarBMDLib import __version__
 from LumbarBMDLib._compat import zip_strict
-from LumbarBMDLib.calibration import ScannerCalibration
 from LumbarBMDLib.durable import (
+    TMP_MARK,
     atomic_folder,
     atomic_write_text,
     case_lock,
@@ -48,11 +49,12 @@ from LumbarBMDLib.durable import (
     clean_stale_temporaries,
 )
 from LumbarBMDLib.errors import LumbarBMDError
-from LumbarBMDLib.pipeline import CaseResult, measure, results_json
-from LumbarBMDLib.regression import RegressionModel
-from LumbarBMDLib.report import render_report
-from LumbarBMDLib.segmentation import SegmentationModel
-from LumbarBMDLib.volume import read_ct, write_image
+
+if TYPE_CHECKING:  # the heavy stages (torch, MONAI, SciPy) are imported where a case is measured, not on import
+    from LumbarBMDLib.calibration import ScannerCalibration
+    from LumbarBMDLib.pipeline import CaseResult
+    from LumbarBMDLib.regression import RegressionModel
+    from LumbarBMDLib.segmentation import SegmentationModel
 
 SUMMARY_COLUMNS = ["case", "input", "status", "mean_bmd_mg_cm3", "category", "L1", "L2", "L3", "L4", "missing",
                    "error", "total_s", "input_sha256", "note"]
@@ -207,6 +209,9 @@ def _results_csv(path: Path, results: dict) -> None:
 
 def write_case_outputs(folder: Path, results: dict, result: CaseResult | None) -> None:
     """Write a case's files into ``folder`` via a temporary sibling folder put in place at the end (atomic)."""
+    from LumbarBMDLib.report import render_report
+    from LumbarBMDLib.volume import write_image
+
     with atomic_folder(folder) as tmp:
         if result is not None:
             geom = result.label_geometry
@@ -257,6 +262,9 @@ def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: 
 
     ``identity`` (``case_id``, ``input_sha256``) is recorded in results.json; ``scanner_spec``: the site's scanner
     description (:func:`apply_scanner_spec`)."""
+    from LumbarBMDLib.pipeline import measure, results_json
+    from LumbarBMDLib.volume import read_ct
+
     t0 = time.perf_counter()
     try:
         volume = read_ct(path)
@@ -301,6 +309,10 @@ def write_summary(out_dir: Path, notes: dict[str, str] | None = None,
     out_dir = Path(out_dir)
     cache = {} if cache is None else cache
     with case_lock(out_dir, SUMMARY_LOCK):
+        for stale in out_dir.glob(f".summary.csv{TMP_MARK}*"):  # of a writer killed mid-write (we hold the lock)
+            with contextlib.suppress(OSError):
+                if stale.is_file() and not stale.is_symlink():
+                    stale.unlink()
         rows = []
         for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
@@ -329,17 +341,36 @@ def write_summary(out_dir: Path, notes: dict[str, str] | None = None,
 def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto", force: bool = False,
               calibration: ScannerCalibration | None = None, seg_model_path: str | Path | None = None,
               bmd_model_path: str | Path | None = None, progress: bool = True,
-              allow_unverified: bool = False, scanner_spec=None) -> list[CaseOutcome]:
+              allow_unverified: bool = False, scanner_spec=None, *, scheduler: str | None = None,
+              threads_per_worker: int | None = None, retries: int | None = None) -> list[CaseOutcome]:
     """Run every input; returns the outcomes in input order (see the module docstring). ``allow_unverified``
     accepts models whose card has no sha256 (recorded in results.json as ``models_verified``); ``scanner_spec``:
-    the site's scanner description for the internal calibration (:func:`apply_scanner_spec`)."""
-    from tqdm import tqdm
+    the site's scanner description for the internal calibration (:func:`apply_scanner_spec`).
 
+    ``scheduler`` (``"local"``, ``"local:N"`` or a Dask scheduler address such as ``"tcp://host:8786"``) runs the
+    cases on Dask workers (:mod:`LumbarBMDLib.distributed`: ``threads_per_worker``, ``retries``); None (the
+    default) runs them here, one after the other. Both run every case through :func:`_run_one`, so the case
+    folders, the locks, resume and summary.csv are the same."""
     out_dir = check_writable_folder(out_dir)
     summary = out_dir / "summary.csv"
     if summary.exists() and not summary.is_file():
         raise LumbarBMDError(f"{summary} exists and is not a file; move it away")
     clean_stale_temporaries(out_dir)
+    # per-case options, forwarded as keywords to _run_one both here and on Dask workers: a new per-case option
+    # (e.g. a DICOM output folder) is one more entry here and one more keyword of _run_one / run_case
+    options = {"calibration": calibration, "force": force, "scanner_spec": scanner_spec}
+    if scheduler is not None:
+        from LumbarBMDLib.distributed import ModelSpec, run_distributed
+
+        paths = [Path(os.path.abspath(Path(raw).expanduser())) for raw in inputs]  # workers have their own cwd
+        return run_distributed(scheduler, list(zip_strict(paths, case_ids(paths))), out_dir,
+                               ModelSpec.of(seg_model_path, bmd_model_path, device, allow_unverified), options,
+                               progress=progress, threads_per_worker=threads_per_worker, retries=retries)
+    from tqdm import tqdm
+
+    from LumbarBMDLib.regression import RegressionModel
+    from LumbarBMDLib.segmentation import SegmentationModel
+
     seg_model = SegmentationModel.load(seg_model_path, device=device, allow_unverified=allow_unverified)
     bmd_model = RegressionModel.load(bmd_model_path, device=device, allow_unverified=allow_unverified)
     paths = [Path(raw).expanduser() for raw in inputs]
@@ -348,7 +379,7 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     summary_cache: dict[str, tuple[int, dict]] = {}
     for path, case_id in tqdm(list(zip_strict(paths, case_ids(paths))), desc="cases", unit="case",
                               disable=not progress):
-        outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, calibration, force, scanner_spec)
+        outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, **options)
         if outcome.note:
             notes[outcome.case] = outcome.note
         outcomes.append(outcome)
@@ -357,8 +388,11 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
 
 
 def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
-             calibration: ScannerCalibration | None, force: bool, scanner_spec=None) -> CaseOutcome:
-    """One input, under the lock of its case id (a second process on the same case waits, then finds it done)."""
+             calibration: ScannerCalibration | None = None, force: bool = False, scanner_spec=None) -> CaseOutcome:
+    """One input, under the lock of its case id (a second process on the same case waits, then finds it done).
+
+    The one implementation of a case: the in-process batch and the Dask workers
+    (:func:`LumbarBMDLib.distributed.case_task`) both call it."""
     source = str(path)
     digest = input_digest(path)
     with case_lock(out_dir, case_id):

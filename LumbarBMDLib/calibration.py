@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage, stats
 
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.volume import CTVolume
@@ -105,6 +104,8 @@ def fit_calibration(volume: CTVolume, layout=ROD_LAYOUT) -> ScannerCalibration:
     The phantom body is the largest region above −500 HU in the central slices; its centroid places the rod
     layout; each rod is a circular ROI of :data:`ROI_RADIUS_MM` over the central half of the slices.
     """
+    from scipy import ndimage, stats  # here, not on import: reading a calibration file needs no SciPy
+
     nz = volume.hu.shape[0]
     z0, z1 = nz // 4, max(nz // 4 + 1, 3 * nz // 4)
     hu = volume.hu[z0:z1].astype(np.float32)
