@@ -350,6 +350,11 @@ def test_a_tilted_copy_of_the_series_is_refused(case, tmp_path):
         read_source_series(copy, case.volume)
 
 
+def test_one_file_of_the_series_names_its_series(case):
+    source = read_source_series(case.paths[5], case.volume)
+    assert source.sop_instance_uids == [h.SOPInstanceUID for h in case.headers]  # written in k order
+
+
 def test_a_folder_of_several_series_uses_the_measured_one(case, tmp_path):
     root = tmp_path / "study"
     shutil.copytree(case.series, root / "thin")

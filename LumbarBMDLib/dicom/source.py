@@ -100,14 +100,14 @@ def _floats(ds, keyword: str, count: int) -> np.ndarray | None:
     return out if out.size == count else None
 
 
-def series_headers(folder: Path) -> dict[str, list[tuple[Path, object]]]:
-    """``{SeriesInstanceUID: [(file, header), …]}`` of every DICOM file under ``folder`` (recursive, sorted names;
-    files without the DICOM mark are skipped)."""
+def series_headers(folder: Path, recursive: bool = True) -> dict[str, list[tuple[Path, object]]]:
+    """``{SeriesInstanceUID: [(file, header), …]}`` of every DICOM file under ``folder`` (recursive unless told; sorted
+    names; files without the DICOM mark are skipped)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     groups: dict[str, list[tuple[Path, object]]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file()):
         if not _is_dicom(path):
             continue
         try:
@@ -135,7 +135,8 @@ def read_source_series(folder: str | Path, volume: CTVolume) -> SourceSeries:
     """The headers of the DICOM series ``volume`` was read from, in its slice order, checked against its geometry.
 
     Args:
-        folder: the DICOM folder the case was read from (the input of ``lumbarbmd run``).
+        folder: the DICOM folder the case was read from (the input of ``lumbarbmd run``), or one DICOM file of the
+            series (then its folder, not its subfolders, is searched, as ``read_ct`` does).
         volume: the CT as read by ``read_ct(folder)`` (or the analysed volume of the case, which keeps the read's
             ``metadata``: ``series_instance_uid`` and the series' ``original_*`` geometry).
 
@@ -146,13 +147,16 @@ def read_source_series(folder: str | Path, volume: CTVolume) -> SourceSeries:
     """
     folder = Path(folder)
     meta = volume.metadata or {}
+    recursive = True
+    if folder.is_file() and _is_dicom(folder) and meta.get("format") == "DICOM":  # one file of the series given
+        folder, recursive = folder.parent, False
     if not folder.is_dir() or meta.get("format") != "DICOM":
         raise LumbarBMDError(_not_dicom_sentence(folder, volume))
     uid = meta.get("series_instance_uid")
     if not uid:
         raise LumbarBMDError(f"the CT read from {folder} records no Series Instance UID, so its DICOM images cannot "
                              "be referenced by a SEG or SR")
-    groups = series_headers(folder)
+    groups = series_headers(folder, recursive)
     if uid not in groups:
         found = ", ".join(f"{u} ({len(v)} files)" for u, v in groups.items()) or "none"
         raise LumbarBMDError(f"the DICOM series that was measured ({uid}) is no longer in {folder} (series found: "
