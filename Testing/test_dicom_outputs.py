@@ -350,6 +350,30 @@ def test_a_tilted_copy_of_the_series_is_refused(case, tmp_path):
         read_source_series(copy, case.volume)
 
 
+def test_masks_follow_the_stored_orientation(case, tmp_path):
+    """The same CT stored head first with rows posterior → anterior: the masks land on the same voxels."""
+    from LumbarBMDLib.dicom.masks import level_masks
+    from LumbarBMDLib.volume import CTVolume
+
+    ct = case.phantom.ct
+    nz, ny, _ = ct.shape
+    flipped = CTVolume(ct.hu[::-1, ::-1, :], ct.spacing, tuple(ct.index_to_lps([0.0, ny - 1.0, nz - 1.0])),
+                       ct.direction @ np.diag([1.0, -1.0, -1.0]))
+    write_ct_series(flipped, tmp_path / "ct", patient_id=PATIENT_ID, patient_name=PATIENT_NAME,
+                    series_description="flipped")
+    volume = read_ct(tmp_path / "ct")
+    assert volume.metadata["original_orientation"] != "LPS" and np.array_equal(volume.hu, ct.hu)
+    result = case.result
+    patches = {q.level: q.centre_lps for q in result.patches if q.found}
+    cand = result.annotation.images.candidate_geometry
+    stored = level_masks(read_source_series(tmp_path / "ct", volume), result.labels, result.label_geometry,
+                         patches, cand)
+    plain = level_masks(read_source_series(case.series, case.volume), result.labels, result.label_geometry,
+                        patches, cand)
+    assert np.array_equal(stored.frames, plain.frames) and stored.segments == plain.segments
+    assert np.array_equal(stored.array[:, ::-1], plain.array)  # rows stored in the opposite direction
+
+
 def test_one_file_of_the_series_names_its_series(case):
     source = read_source_series(case.paths[5], case.volume)
     assert source.sop_instance_uids == [h.SOPInstanceUID for h in case.headers]  # written in k order
