@@ -28,14 +28,23 @@ def _require_measured(result, results: dict) -> None:
         raise LumbarBMDError(f"no DICOM SEG or SR for a failed case ({why}): there is no measurement to report")
 
 
+def _require_highdicom() -> None:
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise LumbarBMDError("DICOM SEG and SR need the highdicom package, which is not installed: install LumbarBMD's "
+                             "archive extra (pip install 'lumbarbmd[archive]')") from None
+
+
 def build_dicom_outputs(source_folder: Path, result, results: dict):
     """``(seg, sr)`` datasets of a case (not written); raises LumbarBMDError as :func:`write_dicom_outputs`."""
+    _require_measured(result, results)
+    _require_highdicom()
     from LumbarBMDLib.dicom.masks import level_masks
     from LumbarBMDLib.dicom.seg import build_seg
     from LumbarBMDLib.dicom.source import read_source_series
     from LumbarBMDLib.dicom.sr import build_sr
 
-    _require_measured(result, results)
     source = read_source_series(source_folder, result.annotation.volume)
     patches = {p.level: p.centre_lps for p in result.patches if p.found and p.centre_lps is not None}
     masks = level_masks(source, result.labels, result.label_geometry, patches,
@@ -71,7 +80,8 @@ def write_dicom_outputs(out_folder: Path, source_folder: Path, result, results: 
 
     Raises:
         LumbarBMDError: a failed case; an input that is not a DICOM series (NIfTI, NRRD, MetaImage); a folder whose
-            series no longer matches the measured CT (a slice removed, another series); nothing written then.
+            series no longer matches the measured CT (a slice removed, another series); highdicom not installed;
+            nothing written then.
     """
     seg, sr = build_dicom_outputs(Path(source_folder), result, results)
     out_folder = Path(out_folder)
