@@ -257,6 +257,7 @@ def test_series_attributes_and_choice(orthanc: OrthancInstance, archive: dict, p
     full = impl.complete_from_instance(server, bare)
     assert (full.kernel, full.contrast_agent, full.slice_thickness, full.details_from_instance) == \
         ("B", "Iohexol", 5.0, True)
+    assert full.n_instances == 40  # counted, as the bare record lacked it
     assert full.image_type[:2] == ("ORIGINAL", "PRIMARY") and full.orientation == (1, 0, 0, 0, 1, 0)
 
 

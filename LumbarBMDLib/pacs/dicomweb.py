@@ -135,14 +135,20 @@ def complete_from_instance(server: PacsServer, series: SeriesInfo, client=None) 
     then WADO-RS metadata); unchanged when the series has no instance."""
     client = client or _client(server)
     with _sentences(server, f"the metadata of one instance of series {series.series_uid}"):
-        instances = client.search_for_instances(study_instance_uid=series.study_uid,
-                                                series_instance_uid=series.series_uid, limit=1,
-                                                fields=["SOPInstanceUID"])
+        count = None
+        if series.n_instances is None:  # the series answer lacked it: count the instances
+            instances = _all_pages(client.search_for_instances, "SOPInstanceUID", study_instance_uid=series.study_uid,
+                                   series_instance_uid=series.series_uid, fields=["SOPInstanceUID"])
+            count = len(instances)
+        else:
+            instances = client.search_for_instances(study_instance_uid=series.study_uid,
+                                                    series_instance_uid=series.series_uid, limit=1,
+                                                    fields=["SOPInstanceUID"])
         if not instances:
             return series
         sop = text(dataset_from_json(instances[0]), "SOPInstanceUID")
         meta = client.retrieve_instance_metadata(series.study_uid, series.series_uid, sop)
-    return with_instance_details(series, dataset_from_json(meta))
+    return with_instance_details(series, dataset_from_json(meta), n_instances=count)
 
 
 def retrieve_series(server: PacsServer, study_uid: str, series_uid: str, folder: Path) -> list[Path]:
@@ -150,12 +156,36 @@ def retrieve_series(server: PacsServer, study_uid: str, series_uid: str, folder:
     (transfer syntax ``*``); the instances are written one by one as they arrive."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    client = _client(server)
     with _sentences(server, f"the retrieval (WADO-RS) of series {series_uid}"):
-        for ds in _client(server).iter_series(study_uid, series_uid, media_types=ANY_TRANSFER_SYNTAX):
-            path = folder / f"{_file_stem(ds)}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            written.append(path)
+        try:
+            instances = client.iter_series(study_uid, series_uid, media_types=ANY_TRANSFER_SYNTAX)
+            first = next(instances, None)
+        except requests.exceptions.HTTPError as err:
+            if err.response is None or err.response.status_code not in (400, 406):
+                raise
+            # A server that cannot send "as stored" (transfer-syntax=*): its default, explicit VR little endian.
+            instances = client.iter_series(study_uid, series_uid)
+            first = next(instances, None)
+        if first is not None:
+            for ds in _chain(first, instances):
+                path = folder / f"{_file_stem(ds)}.dcm"
+                write_file(path, ds)
+                written.append(path)
     return written
+
+
+def _chain(first: Dataset, rest: Iterator[Dataset]) -> Iterator[Dataset]:
+    yield first
+    yield from rest
+
+
+def write_file(path: Path, ds: Dataset) -> None:
+    """Write ``ds`` as a DICOM file (preamble and file meta), with pydicom 3 or 2."""
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except TypeError:  # pydicom 2: no enforce_file_format
+        ds.save_as(path, write_like_original=False)
 
 
 def _file_stem(ds: Dataset) -> str:

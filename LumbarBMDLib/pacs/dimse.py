@@ -140,7 +140,7 @@ def complete_from_instance(server: PacsServer, series: SeriesInfo) -> SeriesInfo
     one = _identifier("IMAGE", {"StudyInstanceUID": series.study_uid, "SeriesInstanceUID": series.series_uid,
                                 "SOPInstanceUID": sop}, IMAGE_LEVEL_KEYS)
     details = _c_find(server, one, f"the attributes of one instance of series {series.series_uid}")
-    return with_instance_details(series, details[0]) if details else series
+    return with_instance_details(series, details[0], n_instances=len(instances)) if details else series
 
 
 class _Receiver:

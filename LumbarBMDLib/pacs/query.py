@@ -142,7 +142,7 @@ class SeriesInfo:
     def needs_instance_details(self) -> bool:
         """True when the image-level attributes the choice needs are missing (the series-level answer lacked them)."""
         return not self.details_from_instance and (self.orientation is None or not self.image_type
-                                                   or self.slice_thickness is None)
+                                                   or self.slice_thickness is None or self.n_instances is None)
 
     def as_dict(self) -> dict:
         """Plain data (for provenance and JSON)."""
@@ -206,9 +206,10 @@ def series_from_dataset(ds: Dataset, study_uid: str) -> SeriesInfo:
     return with_instance_details(info, ds, from_instance=False)
 
 
-def with_instance_details(info: SeriesInfo, ds: Dataset, from_instance: bool = True) -> SeriesInfo:
-    """``info`` completed with the image-level attributes found in ``ds`` (one instance's metadata); attributes
-    already known are kept."""
+def with_instance_details(info: SeriesInfo, ds: Dataset, from_instance: bool = True,
+                          n_instances: int | None = None) -> SeriesInfo:
+    """``info`` completed with the image-level attributes found in ``ds`` (one instance's metadata) and, when the
+    series answer lacked it, the number of instances counted; attributes already known are kept."""
     thickness = number(ds, "SliceThickness")
     spacing = number(ds, "SpacingBetweenSlices")
     orientation = None
@@ -222,6 +223,7 @@ def with_instance_details(info: SeriesInfo, ds: Dataset, from_instance: bool = T
             orientation = cosines
     return replace(
         info,
+        n_instances=info.n_instances if info.n_instances is not None else n_instances,
         slice_thickness=info.slice_thickness if info.slice_thickness is not None else (
             thickness if thickness and thickness > 0 else None),
         spacing_between_slices=info.spacing_between_slices if info.spacing_between_slices is not None else (
