@@ -110,6 +110,19 @@ def test_outputs_are_the_documented_files(case):
     assert sorted(p.name for p in case.out.iterdir()) == ["seg.dcm", "sr.dcm"]  # no temporary file left
 
 
+def test_written_into_a_case_temporary_folder(case, tmp_path):
+    """How batch.write_case_outputs calls it: inside durable.atomic_folder, then the folder is put in place."""
+    from LumbarBMDLib.durable import atomic_folder
+
+    final = tmp_path / "case"
+    with atomic_folder(final) as tmp:
+        written = write_dicom_outputs(tmp, case.series, case.result, case.results)
+        assert [p.parent for p in written] == [tmp, tmp]
+    assert sorted(p.name for p in final.iterdir()) == ["seg.dcm", "sr.dcm"]
+    assert hd.sr.srread(final / SR_FILE).content.get_volumetric_roi_measurement_groups()
+    assert [p.name for p in tmp_path.iterdir()] == ["case"]  # no temporary folder left
+
+
 def test_seg_is_in_the_source_study_as_a_new_series(case, seg):
     src = case.headers[0]
     assert seg.SOPClassUID == SEGMENTATION_STORAGE and seg.Modality == "SEG"
