@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from LumbarBMDLib.errors import LumbarBMDError
-from LumbarBMDLib.volume import CTVolume
+from LumbarBMDLib.volume import MAX_TILT_DEG, CTVolume
 
 #: Positions (mm) and direction cosines may differ by this much from the volume (DS rounding: 16 characters).
 POSITION_TOLERANCE_MM = 0.01
@@ -202,14 +202,17 @@ def _checked(folder: Path, files: list[Path], datasets: list, volume: CTVolume, 
     normal = direction[:, 2]
     along = (positions - origin) @ normal / spacing[2]  # slice index in the series as read
     expected_offsets = positions - origin - np.outer(along * spacing[2], normal)
-    if np.abs(expected_offsets).max() > POSITION_TOLERANCE_MM + 1e-3 * np.abs(along).max() * spacing[2]:
+    # read_ct accepts a shear up to MAX_TILT_DEG (and reads the slices as an orthogonal grid): so does this check
+    allowed = POSITION_TOLERANCE_MM + np.tan(np.radians(MAX_TILT_DEG)) * np.abs(along) * spacing[2]
+    if np.any(np.linalg.norm(expected_offsets, axis=1) > allowed):
         raise LumbarBMDError(f"{label} has slices shifted within their plane (gantry tilt or slices of another "
                              "acquisition): they do not lie on the grid of the CT measured")
     index = np.rint(along).astype(int)
     if (np.abs(along - index).max() > SLICE_TOLERANCE or index.min() != 0 or index.max() != n - 1
             or len(set(index.tolist())) != n):
         raise LumbarBMDError(f"{label} has slice positions that do not match the CT measured (a slice missing, "
-                             "duplicated or moved since it was measured): the SEG frames would not match the images")
+                             "duplicated or moved since it was measured, or an irregular slice spacing that the CT "
+                             "was read across): the SEG frames would not match the images")
     # the volume's slice order: ascending along its third axis (for an axial LPS volume, inferior → superior)
     order = np.argsort(positions @ volume.direction[:, 2], kind="stable")
     if not meta.get("resampled_axial"):
