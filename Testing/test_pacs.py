@@ -19,6 +19,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import orthanc_fixture
 import pydicom
 import pytest
 from orthanc_fixture import OrthancInstance, orthanc  # noqa: F401  (the fixture is used by name)
@@ -205,6 +206,17 @@ def test_choose_series_rules_and_sentences() -> None:
     assert choose_series(list(reversed(series))).chosen.series_uid == "1.3"
     assert contrast_status(_info("3", description="Abdomen NATIVE"))[0] is False
     assert refusal(_info("4", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))).startswith("a localizer")
+
+
+def test_fixture_fails_without_orthanc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No Orthanc installed: the fixture fails (it never skips) and says what to install."""
+    monkeypatch.setattr(orthanc_fixture, "ORTHANC", str(tmp_path / "no-such-orthanc"))
+    with pytest.raises(pytest.fail.Exception, match=r"apt-get install -y orthanc orthanc-dicomweb"):
+        orthanc_fixture.start_orthanc(tmp_path)
+    monkeypatch.setattr(orthanc_fixture, "DICOMWEB_PLUGIN_CANDIDATES", (str(tmp_path / "no-plugin.so"),))
+    monkeypatch.setattr(orthanc_fixture, "ORTHANC", "/bin/true")
+    with pytest.raises(pytest.fail.Exception, match=r"DICOMweb plugin is not installed.*apt-get install"):
+        orthanc_fixture.start_orthanc(tmp_path)
 
 
 # --- against Orthanc -----------------------------------------------------------------------------------------------

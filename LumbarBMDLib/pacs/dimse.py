@@ -85,27 +85,38 @@ def _status_text(status: Dataset | None) -> str:
     return f"status 0x{int(status.Status):04X}{comment}"
 
 
-def _c_find(server: PacsServer, identifier: Dataset, doing: str) -> list[Dataset]:
+@contextlib.contextmanager
+def _find_association(server: PacsServer, doing: str) -> Iterator:
     ae = _ae(server)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    answers = []
     with _association(server, ae, doing) as assoc:
-        for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-            code = int(status.Status) if status is not None and "Status" in status else None
-            if code in PENDING:
-                if ident is not None:
-                    answers.append(ident)
-            elif code == 0x0000:
-                break
-            else:
-                raise LumbarBMDError(f"the PACS at {server.describe()} failed {doing} (C-FIND): "
-                                     f"{_status_text(status)}; does it allow queries from our AE title "
-                                     f"{server.calling_aet}?")
+        yield assoc
+
+
+def _c_find(server: PacsServer, identifier: Dataset, doing: str, assoc=None) -> list[Dataset]:
+    """The answers of one C-FIND, over ``assoc`` when given (else a new association)."""
+    if assoc is None:
+        with _find_association(server, doing) as own:
+            return _c_find(server, identifier, doing, own)
+    answers = []
+    for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+        code = int(status.Status) if status is not None and "Status" in status else None
+        if code in PENDING:
+            if ident is not None:
+                answers.append(ident)
+        elif code == 0x0000:
+            break
+        else:
+            raise LumbarBMDError(f"the PACS at {server.describe()} failed {doing} (C-FIND): "
+                                 f"{_status_text(status)}; does it allow queries from our AE title "
+                                 f"{server.calling_aet}?")
     return answers
 
 
 def _identifier(level: str, matching: dict[str, str], returned: tuple[str, ...]) -> Dataset:
     ds = Dataset()
+    if any(not v.isascii() for v in matching.values()):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, for names with accents
     ds.QueryRetrieveLevel = level
     for key in returned:
         setattr(ds, key, "")
@@ -122,24 +133,28 @@ def find_studies(server: PacsServer, query: StudyQuery) -> list[StudyInfo]:
 
 def find_series(server: PacsServer, study_uid: str) -> list[SeriesInfo]:
     """C-FIND at SERIES level in one study, then for each series a C-FIND at IMAGE level of one instance for the
-    image-level attributes (slice thickness, kernel, image type, orientation, contrast agent, SOP class)."""
-    ident = _identifier("SERIES", {"StudyInstanceUID": study_uid}, SERIES_RETURN_KEYS)
-    series = [series_from_dataset(a, study_uid) for a in _c_find(server, ident, f"a series query of study {study_uid}")]
-    return [complete_from_instance(server, s) if s.needs_instance_details() else s for s in series]
+    image-level attributes (slice thickness, kernel, image type, orientation, contrast agent, SOP class); all over
+    one association."""
+    doing = f"a series query of study {study_uid}"
+    with _find_association(server, doing) as assoc:
+        ident = _identifier("SERIES", {"StudyInstanceUID": study_uid}, SERIES_RETURN_KEYS)
+        series = [series_from_dataset(a, study_uid) for a in _c_find(server, ident, doing, assoc)]
+        return [complete_from_instance(server, s, assoc) if s.needs_instance_details() else s for s in series]
 
 
-def complete_from_instance(server: PacsServer, series: SeriesInfo) -> SeriesInfo:
+def complete_from_instance(server: PacsServer, series: SeriesInfo, assoc=None) -> SeriesInfo:
     """``series`` completed with the image-level attributes of one of its instances: a C-FIND at IMAGE level for
-    the SOP Instance UIDs, then one for the attributes of the first; unchanged when the series has no instance."""
+    the SOP Instance UIDs (their number when the series answer lacked it), then one for the attributes of the
+    first; unchanged when the series has no instance."""
     first = _identifier("IMAGE", {"StudyInstanceUID": series.study_uid, "SeriesInstanceUID": series.series_uid},
                         ("SOPInstanceUID",))
-    instances = _c_find(server, first, f"an instance query of series {series.series_uid}")
+    instances = _c_find(server, first, f"an instance query of series {series.series_uid}", assoc)
     if not instances:
         return series
     sop = min(text(d, "SOPInstanceUID") for d in instances)
     one = _identifier("IMAGE", {"StudyInstanceUID": series.study_uid, "SeriesInstanceUID": series.series_uid,
                                 "SOPInstanceUID": sop}, IMAGE_LEVEL_KEYS)
-    details = _c_find(server, one, f"the attributes of one instance of series {series.series_uid}")
+    details = _c_find(server, one, f"the attributes of one instance of series {series.series_uid}", assoc)
     return with_instance_details(series, details[0], n_instances=len(instances)) if details else series
 
 
