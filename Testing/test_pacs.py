@@ -29,7 +29,7 @@ from LumbarBMDLib import pacs
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.pacs import dicomweb, dimse
 from LumbarBMDLib.pacs.fetch import MARKER, fetch_studies, pacs_inputs, read_marker, send_back, send_files
-from LumbarBMDLib.pacs.query import SeriesInfo, StudyQuery
+from LumbarBMDLib.pacs.query import SeriesInfo, StudyQuery, folder_name
 from LumbarBMDLib.pacs.selection import choose_series, classify_kernel, contrast_status, refusal
 from LumbarBMDLib.pacs.server import parse_server
 from LumbarBMDLib.volume import read_ct
@@ -146,6 +146,16 @@ def test_study_query_dates_and_refusals() -> None:
         StudyQuery()
     with pytest.raises(LumbarBMDError, match="unknown PACS query field 'colour'"):
         StudyQuery.from_dict({"colour": "red"})
+
+
+def test_folder_names_from_uids_stay_in_the_cache() -> None:
+    assert folder_name("1.2.840.10008.5.1") == "1.2.840.10008.5.1"
+    for bad in ["../../etc", "1..2", "1.2.abc", "1.2/3", "9" * 65, ".1.2"]:
+        name = folder_name(bad)
+        assert name.startswith("uid-") and len(name) == 36 and "/" not in name and ".." not in name
+    assert folder_name("../x") != folder_name("../y")
+    with pytest.raises(LumbarBMDError, match="without an Instance UID"):
+        folder_name("")
 
 
 @pytest.mark.parametrize("kernel, kind", [

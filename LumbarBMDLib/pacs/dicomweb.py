@@ -22,6 +22,7 @@ from LumbarBMDLib.pacs.query import (
     StudyInfo,
     StudyQuery,
     dataset_from_json,
+    folder_name,
     series_from_dataset,
     study_from_dataset,
     text,
@@ -189,10 +190,7 @@ def write_file(path: Path, ds: Dataset) -> None:
 
 
 def _file_stem(ds: Dataset) -> str:
-    uid = text(ds, "SOPInstanceUID")
-    if not uid or not all(c.isdigit() or c == "." for c in uid):
-        raise LumbarBMDError(f"the PACS sent an instance without a valid SOP Instance UID ('{uid}')")
-    return uid
+    return folder_name(text(ds, "SOPInstanceUID"))
 
 
 def store_files(server: PacsServer, paths: list[Path]) -> list[str]:

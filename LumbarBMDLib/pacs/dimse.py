@@ -33,6 +33,7 @@ from LumbarBMDLib.pacs.query import (
     SeriesInfo,
     StudyInfo,
     StudyQuery,
+    folder_name,
     series_from_dataset,
     study_from_dataset,
     text,
@@ -170,11 +171,11 @@ class _Receiver:
 
     def __call__(self, event) -> int:
         sop = str(event.request.AffectedSOPInstanceUID or "")
-        if not sop or not all(c.isdigit() or c == "." for c in sop):
+        if not sop:
             with self.lock:
                 self.refused.append(sop)
-            return 0xA900  # dataset does not match SOP class (bad UID)
-        path = self.folder / f"{sop}.dcm"
+            return 0xA900  # dataset does not match SOP class (no UID)
+        path = self.folder / f"{folder_name(sop)}.dcm"
         path.write_bytes(event.encoded_dataset())
         with self.lock:
             self.written.append(path)

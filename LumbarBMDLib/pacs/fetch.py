@@ -28,7 +28,7 @@ import pydicom
 from LumbarBMDLib import durable
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.pacs import client
-from LumbarBMDLib.pacs.query import SeriesInfo, StudyInfo, StudyQuery, text
+from LumbarBMDLib.pacs.query import SeriesInfo, StudyInfo, StudyQuery, folder_name, text
 from LumbarBMDLib.pacs.selection import choose_series
 from LumbarBMDLib.pacs.server import PacsServer, parse_server
 
@@ -86,11 +86,8 @@ def _method(server: PacsServer) -> str:
 
 
 def study_folder(cache_dir: Path, study_uid: str) -> Path:
-    """The cache folder of one study (its UID, checked to be a UID so it can never name another folder)."""
-    if not study_uid or len(study_uid) > 64 or not all(c.isdigit() or c == "." for c in study_uid) \
-            or study_uid.startswith("."):
-        raise LumbarBMDError(f"the PACS gave a study without a valid Study Instance UID ('{study_uid}')")
-    return Path(cache_dir) / study_uid
+    """The cache folder of one study."""
+    return Path(cache_dir) / folder_name(study_uid)
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -99,7 +96,7 @@ def read_marker(folder: Path) -> dict | None:
     try:
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
         files = marker["files"]
-        series_dir = folder / marker["series_instance_uid"]
+        series_dir = folder / folder_name(marker["series_instance_uid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if marker.get("version") != MARKER_VERSION or not files:
@@ -131,7 +128,7 @@ def _from_marker(study: StudyInfo, server: PacsServer, folder: Path, marker: dic
     series = SeriesInfo(**{k: (tuple(v) if k in ("image_type", "orientation") and v is not None else v)
                            for k, v in marker["series"].items()})
     return FetchedStudy(study=study, server=server.describe(), series=series,
-                        series_folder=folder / marker["series_instance_uid"], choice=marker["choice"],
+                        series_folder=folder / folder_name(marker["series_instance_uid"]), choice=marker["choice"],
                         reasons=tuple(marker["reasons"]), from_cache=True, n_files=len(marker["files"]),
                         retrieved_with=marker.get("retrieved_with", ""), query=query)
 
@@ -142,7 +139,7 @@ def fetch_study(server: PacsServer, study: StudyInfo, cache_dir: Path, query: di
     failure (see :func:`fetch_studies`, which does not)."""
     query = dict(query or {})
     folder = study_folder(cache_dir, study.study_uid)
-    with durable.case_lock(cache_dir, study.study_uid):
+    with durable.case_lock(cache_dir, folder.name):
         marker = None if refresh else read_marker(folder)
         if marker is not None:
             log.info("study %s: complete in %s, not downloaded again", study.study_uid, folder)
@@ -154,7 +151,7 @@ def fetch_study(server: PacsServer, study: StudyInfo, cache_dir: Path, query: di
         chosen = choice.chosen
         started = time.time()
         with durable.atomic_folder(folder) as tmp:
-            paths = client.retrieve_series(server, chosen, tmp / chosen.series_uid)
+            paths = client.retrieve_series(server, chosen, tmp / folder_name(chosen.series_uid))
             _check_files(paths, chosen)
             marker = {
                 "version": MARKER_VERSION,
@@ -175,7 +172,7 @@ def fetch_study(server: PacsServer, study: StudyInfo, cache_dir: Path, query: di
         log.info("study %s: %d images of %s retrieved with %s", study.study_uid, len(paths), chosen.label(),
                  _method(server))
         return FetchedStudy(study=study, server=server.describe(), series=chosen,
-                            series_folder=folder / chosen.series_uid, choice=choice.sentence,
+                            series_folder=folder / folder_name(chosen.series_uid), choice=choice.sentence,
                             reasons=tuple(choice.reasons_list()), n_files=len(paths), retrieved_with=_method(server),
                             query=query)
 

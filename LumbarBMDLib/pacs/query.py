@@ -7,6 +7,7 @@ protocols give the same records.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -237,3 +238,17 @@ def with_instance_details(info: SeriesInfo, ds: Dataset, from_instance: bool = T
         manufacturer=info.manufacturer or text(ds, "Manufacturer"),
         details_from_instance=info.details_from_instance or from_instance,
     )
+
+
+def is_uid(text: str) -> bool:
+    """True for a conformant DICOM UID: digits and dots, at most 64 characters, no empty component."""
+    return 0 < len(text) <= 64 and all(part.isdigit() for part in text.split("."))
+
+
+def folder_name(uid: str) -> str:
+    """The file or folder name of a study, series or instance: its UID, or, for a non-conformant UID (letters,
+    ``/``, ``..`` from a careless archive), ``uid-`` + the first 32 hex digits of its sha256 — never a path outside
+    the folder it is made in."""
+    if not uid:
+        raise LumbarBMDError("the PACS gave a study, series or image without an Instance UID")
+    return uid if is_uid(uid) else "uid-" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
