@@ -16,6 +16,9 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,6 +149,31 @@ def test_study_query_dates_and_refusals() -> None:
         StudyQuery()
     with pytest.raises(LumbarBMDError, match="unknown PACS query field 'colour'"):
         StudyQuery.from_dict({"colour": "red"})
+
+
+def test_without_the_archive_extra_a_sentence_says_what_to_install() -> None:
+    """pynetdicom and dicomweb-client missing: the package imports, and a query says what to install."""
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("pynetdicom", "dicomweb_client"):
+                    raise ModuleNotFoundError(name, name=name)
+        sys.meta_path.insert(0, Block())
+        import LumbarBMDLib.pacs as pacs
+        from LumbarBMDLib.errors import LumbarBMDError
+        for spec in ("dimse://PACS@127.0.0.1:9", "http://127.0.0.1:9/dicom-web"):
+            try:
+                pacs.find_studies(pacs.parse_server(spec), pacs.StudyQuery(patient_id="P"))
+            except LumbarBMDError as err:
+                print(err)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all("pip install 'lumbarbmd[archive]'" in line for line in lines)
+    assert "DIMSE needs pynetdicom" in lines[0] and "DICOMweb needs dicomweb-client" in lines[1]
 
 
 def test_folder_names_from_uids_stay_in_the_cache() -> None:

@@ -9,15 +9,26 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from LumbarBMDLib.pacs import dicomweb, dimse
+from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.pacs.query import SeriesInfo, StudyInfo, StudyQuery
 from LumbarBMDLib.pacs.server import PacsServer
 
+_PACKAGES = {"dicomweb": "dicomweb-client (and requests)", "dimse": "pynetdicom"}
+
 
 def _impl(server: PacsServer):
-    return dicomweb if server.protocol == "dicomweb" else dimse
+    """The protocol module, imported when first needed: without the ``archive`` extra, a sentence says what to
+    install (the rest of LumbarBMD works without it)."""
+    name = "dicomweb" if server.protocol == "dicomweb" else "dimse"
+    try:
+        return importlib.import_module(f"LumbarBMDLib.pacs.{name}")
+    except ModuleNotFoundError as err:
+        raise LumbarBMDError(f"reading from a PACS over {'DICOMweb' if name == 'dicomweb' else 'DIMSE'} needs "
+                             f"{_PACKAGES[name]}, which is not installed ({err.name}): "
+                             "pip install 'lumbarbmd[archive]'") from None
 
 
 def find_studies(server: PacsServer, query: StudyQuery) -> list[StudyInfo]:
@@ -34,10 +45,11 @@ def find_series(server: PacsServer, study_uid: str) -> list[SeriesInfo]:
 
 def retrieve_series(server: PacsServer, series: SeriesInfo, folder: Path) -> list[Path]:
     """Retrieve ``series`` into ``folder`` (``<SOPInstanceUID>.dcm`` files); returns the files written."""
+    impl = _impl(server)
     if server.protocol == "dicomweb":
-        return dicomweb.retrieve_series(server, series.study_uid, series.series_uid, folder)
-    return dimse.retrieve_series(server, series.study_uid, series.series_uid, folder,
-                                 [series.sop_class_uid] if series.sop_class_uid else None)
+        return impl.retrieve_series(server, series.study_uid, series.series_uid, folder)
+    return impl.retrieve_series(server, series.study_uid, series.series_uid, folder,
+                                [series.sop_class_uid] if series.sop_class_uid else None)
 
 
 def store_files(server: PacsServer, paths: list[Path]) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import requests
+from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from LumbarBMDLib.errors import LumbarBMDError
@@ -66,9 +67,7 @@ class _WildcardSession(requests.Session):
         return super().request(method, base + sep + query.replace("%2A", "*").replace("%2a", "*"), *args, **kwargs)
 
 
-def _client(server: PacsServer):
-    from dicomweb_client import DICOMwebClient
-
+def _client(server: PacsServer) -> DICOMwebClient:
     session = _WildcardSession()
     if server.username:
         session.auth = (server.username, server.password)
