@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -374,6 +375,30 @@ def test_fetch_resumes_and_goes_on_after_a_failed_study(orthanc: OrthancInstance
     fetch_studies(server, {"study_instance_uid": archive["study_2"]}, cache)
     assert not stale.exists()
     assert not [p for p in cache.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+
+
+def test_two_fetches_of_one_study_at_once(orthanc: OrthancInstance, archive: dict,  # noqa: F811
+                                         tmp_path: Path) -> None:
+    """Two writers on one cache: they take turns per study; one downloads, the other finds it complete."""
+    server = _servers(orthanc)["dicomweb"]
+    results: list = []
+    errors: list = []
+
+    def fetch() -> None:
+        try:
+            results.append(fetch_studies(server, {"study_instance_uid": archive["study_2"]}, tmp_path / "cache")[0])
+        except Exception as err:  # reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 2 and all(r.ok for r in results)
+    assert sorted(r.from_cache for r in results) == [False, True]
+    assert read_marker(tmp_path / "cache" / archive["study_2"]) is not None
+    assert len(list(results[0].series_folder.glob("*.dcm"))) == 40
 
 
 def test_pacs_inputs_for_the_batch_over_c_get(orthanc: OrthancInstance, archive: dict,  # noqa: F811

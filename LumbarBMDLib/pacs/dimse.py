@@ -272,7 +272,8 @@ def store_files(server: PacsServer, paths: list[Path]) -> list[str]:
     headers = [(Path(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
     syntaxes: dict[str, list[str]] = {}
     for _, ds in headers:
-        ts = str(ds.file_meta.TransferSyntaxUID)
+        meta = getattr(ds, "file_meta", None)
+        ts = str(getattr(meta, "TransferSyntaxUID", "") or uids.ImplicitVRLittleEndian)
         found = syntaxes.setdefault(str(ds.SOPClassUID), [uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian])
         if ts not in found:
             found.insert(0, ts)
