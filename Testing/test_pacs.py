@@ -199,6 +199,15 @@ def test_kernel_table(kernel: str, kind: str) -> None:
     assert classify_kernel(kernel)[0] == kind
 
 
+def test_kernel_sentences_name_the_kind_and_vendor() -> None:
+    assert classify_kernel("L")[1] == "lung kernel L (Philips)"
+    assert classify_kernel("FC52")[1] == "lung kernel FC52 (Canon)"
+    assert classify_kernel("FC30")[1] == "sharp (bone) kernel FC30 (Canon)"
+    assert classify_kernel("BONEPLUS")[1] == "bone kernel BONEPLUS (GE)"
+    assert classify_kernel("Br40\\2")[1] == "soft-tissue kernel Br40 (Siemens)"
+    assert classify_kernel("")[1] == "kernel not recorded"
+
+
 def _info(uid: str, **kw) -> SeriesInfo:
     base = dict(study_uid="1.2", series_uid=uid, modality="CT", description=uid, n_instances=200,
                 slice_thickness=2.0, kernel="B30f", image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
@@ -223,7 +232,7 @@ def test_choose_series_rules_and_sentences() -> None:
     assert choice.chosen is not None and choice.chosen.series_uid == "1.3"
     why = choice.reasons
     assert why["1.3"].startswith("chosen") and "soft-tissue kernel B30f (Siemens)" in why["1.3"]
-    assert "sharp (bone/lung) kernel B70f" in why["1.1"]
+    assert "sharp (bone/lung) kernel B70f (Siemens), while the chosen series has a soft-tissue kernel" in why["1.1"]
     assert "contrast agent Omnipaque" in why["1.2"]
     assert "thicker slices (3 mm)" in why["1.4"]
     assert "derived" in why["1.5"]
@@ -294,7 +303,8 @@ def test_series_attributes_and_choice(orthanc: OrthancInstance, archive: dict, p
     choice = choose_series(list(series.values()))
     assert choice.chosen.series_uid == archive["soft"]
     assert "soft-tissue kernel B (Philips)" in choice.sentence
-    assert "sharp (bone/lung) kernel L (Philips)" in choice.reasons[archive["real"]]
+    assert "lung kernel L (Philips), while the chosen series has a soft-tissue kernel B" in \
+        choice.reasons[archive["real"]]
     assert "derived" in choice.reasons[archive["derived"]]
     assert "localizer" in choice.reasons[archive["localizer"]]
     study_2 = choose_series(pacs.find_series(server, archive["study_2"]))

@@ -48,23 +48,28 @@ KERNEL_TABLE: tuple[tuple[str, str, str, str], ...] = (
     # Siemens: letter(s) + sharpness number + variant (B30f, B31s, I30f, Q30f, Br40, Bv36, Hr38; B70f, Br64, Bl57).
     # Body (B), iterative SAFIRE (I), ADMIRE (Q), head (H), dual-source (D, T) families; ≤ 45 soft, ≥ 46 sharp.
     ("Siemens", r"^[BIQHJDT][A-Z]?L\d{2}", "sharp", "lung kernel"),
-    ("Siemens", r"^[BIQHJDT][A-Z]?(0\d|1\d|2\d|3\d|4[0-5])[A-Z]?(\b|\\|$)", "soft", "soft-tissue kernel"),
-    ("Siemens", r"^[BIQHJDT][A-Z]?(4[6-9]|[5-9]\d)[A-Z]?(\b|\\|$)", "sharp", "sharp (bone/lung) kernel"),
+    ("Siemens", r"^[BIQHJDT][A-Z]?(0\d|1\d|2\d|3\d|4[0-5])[A-Z]?(\b|$)", "soft", "soft-tissue kernel"),
+    ("Siemens", r"^[BIQHJDT][A-Z]?(4[6-9]|[5-9]\d)[A-Z]?(\b|$)", "sharp", "sharp (bone/lung) kernel"),
     # GE: named kernels.
     ("GE", r"^(STANDARD|STND|SOFT|SMOOTH|ULTRA ?SMOOTH)\b", "soft", "soft-tissue kernel"),
-    ("GE", r"^(BONE ?PLUS|BONE|LUNG|EDGE|DETAIL|CHEST|HD ?BONE|HD ?LUNG)\b", "sharp", "sharp (bone/lung) kernel"),
-    # Philips: letters; A smooth, B standard, C sharper soft tissue; D sharp, E/EB/EC bone, L lung, Y* high-res,
+    ("GE", r"^(HD ?)?LUNG\b", "sharp", "lung kernel"),
+    ("GE", r"^(HD ?)?BONE ?(PLUS)?\b", "sharp", "bone kernel"),
+    ("GE", r"^(EDGE|DETAIL|CHEST)\b", "sharp", "sharp kernel"),
+    # Philips: letters; A smooth, B standard, C sharper soft tissue; D sharp, E/EB/EC bone, L/LA lung, Y* high-res,
     # U* ultra-high resolution.
     ("Philips", r"^[ABC]$", "soft", "soft-tissue kernel"),
-    ("Philips", r"^(D|E|EB|EC|L|LA|Y[B-Z]|U[A-Z])$", "sharp", "sharp (bone/lung) kernel"),
+    ("Philips", r"^(L|LA)$", "sharp", "lung kernel"),
+    ("Philips", r"^(D|E|EB|EC|Y[B-Z]|U[A-Z])$", "sharp", "sharp (bone) kernel"),
     # Canon / Toshiba: FC01–FC29 body and head soft tissue (FC07, FC08, FC13, FC18 abdomen); FC30 and higher bone
     # and lung (FC30, FC35 bone; FC51–FC56 lung; FC8x high resolution). AIDR/AiCE named kernels too.
     ("Canon", r"^FC([01]\d|2\d)$", "soft", "soft-tissue kernel"),
-    ("Canon", r"^FC([3-9]\d)$", "sharp", "sharp (bone/lung) kernel"),
+    ("Canon", r"^FC5\d$", "sharp", "lung kernel"),
+    ("Canon", r"^FC([3-46-9]\d)$", "sharp", "sharp (bone) kernel"),
     ("Canon", r"^BODY$", "soft", "soft-tissue kernel"),
     ("Canon", r"^(BODY ?SHARP|LUNG|BONE)$", "sharp", "sharp (bone/lung) kernel"),
     # Any vendor: words in the name.
-    ("any", r"(BONE|LUNG|SHARP|EDGE|DETAIL)", "sharp", "sharp (bone/lung) kernel"),
+    ("any", r"LUNG", "sharp", "lung kernel"),
+    ("any", r"(BONE|SHARP|EDGE|DETAIL)", "sharp", "sharp (bone) kernel"),
     ("any", r"(SOFT|STANDARD|ABDOMEN|BODY)", "soft", "soft-tissue kernel"),
 )
 _KERNELS = tuple((v, re.compile(p), k, what) for v, p, k, what in KERNEL_TABLE)
