@@ -82,10 +82,18 @@ def model_loads(client) -> list[int]:
     return sorted(client.run(loads).values())
 
 
-def test_dask_batch_gives_the_in_process_results(cohort, cluster, tmp_path):
-    address, client = cluster
-    out = tmp_path / "dask"
-    outcomes = run_batch(cohort["inputs"], out, device="cpu", progress=False, scheduler=address)
+@pytest.fixture(scope="module")
+def dask_out(cohort, cluster, tmp_path_factory) -> dict:
+    """The cohort's batch on the cluster (what the first two tests look at)."""
+    address, _ = cluster
+    out = tmp_path_factory.mktemp("dask") / "out"
+    return {"out": out, "outcomes": run_batch(cohort["inputs"], out, device="cpu", progress=False,
+                                              scheduler=address)}
+
+
+def test_dask_batch_gives_the_in_process_results(cohort, cluster, dask_out):
+    _, client = cluster
+    out, outcomes = dask_out["out"], dask_out["outcomes"]
     assert [o.case for o in outcomes] == [o.case for o in cohort["outcomes"]] == [CASES[0], "damaged", *CASES[1:]]
     for case in CASES:
         mine, reference = results(out, case), results(cohort["reference"], case)
@@ -97,17 +105,18 @@ def test_dask_batch_gives_the_in_process_results(cohort, cluster, tmp_path):
     assert damaged["status"] == "failed" and damaged["error"] == results(cohort["reference"], "damaged")["error"]
     assert damaged["error"] and sorted(p.name for p in (out / "damaged").iterdir()) == ["results.json"]
     assert {r["case"]: r["status"] for r in summary(out)}["damaged"] == "failed"
+    assert [o.results["status"] for o in outcomes] == ["ok", "failed", "ok", "ok"]
     assert leftovers(out) == []
     assert model_loads(client) == [1, 1]  # once per worker process, not once per case
 
 
-def test_resume_skips_finished_cases_and_reuses_the_workers_models(cohort, cluster, tmp_path):
+def test_resume_skips_finished_cases_and_reuses_the_workers_models(cohort, cluster, dask_out):
     address, client = cluster
-    out = tmp_path / "resume"
-    run_batch(cohort["inputs"], out, device="cpu", progress=False, scheduler=address)
+    out = dask_out["out"]
     before = {case: (out / case / "results.json").read_bytes() for case in CASES}
     again = run_batch(cohort["inputs"], out, device="cpu", progress=False, scheduler=address)
     assert [o.skipped for o in again] == [True, False, True, True]  # a failed case is tried again
+    assert [o.results["status"] for o in again] == ["ok", "failed", "ok", "ok"]
     assert {case: (out / case / "results.json").read_bytes() for case in CASES} == before
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*CASES, "damaged",
                                                                                           "summary.csv"])
@@ -117,7 +126,7 @@ def test_resume_skips_finished_cases_and_reuses_the_workers_models(cohort, clust
 def test_a_case_whose_worker_is_killed_is_run_again_elsewhere(cohort, cluster, tmp_path):
     address, client = cluster
     out = tmp_path / "lost"
-    inputs = [p for p in cohort["inputs"] if "damaged" not in str(p)]
+    inputs = [p for p in cohort["inputs"] if "damaged" not in str(p)][:1]
     pids = client.run(os.getpid)
     done: dict = {}
     thread = threading.Thread(target=lambda: done.update(
@@ -135,10 +144,11 @@ def test_a_case_whose_worker_is_killed_is_run_again_elsewhere(cohort, cluster, t
     thread.join(timeout=300)
     assert not thread.is_alive()
     outcomes = done["outcomes"]
-    assert [o.case for o in outcomes] == CASES and all(o.results["status"] == "ok" for o in outcomes)
-    for case in CASES:
+    assert [o.case for o in outcomes] == CASES[:1] and outcomes[0].results["status"] == "ok"
+    for case in CASES[:1]:
         assert stable(results(out, case)) == stable(results(cohort["reference"], case))
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*CASES, "summary.csv"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*CASES[:1],
+                                                                                          "summary.csv"])
     assert leftovers(out) == []  # the dead worker's temporary folder was removed at the end of the batch
     assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
 
@@ -177,16 +187,19 @@ def test_scheduler_options_are_checked_and_a_missing_dask_is_one_sentence(cohort
     src = str(cohort["inputs"][0])
     without_dask = ("import sys; sys.modules['distributed'] = None; from LumbarBMDLib.cli import main; "
                     f"sys.exit(main(['run', {src!r}, '--out', {str(tmp_path / 'o')!r}, '--scheduler', 'local:2']))")
-    proc = subprocess.run([sys.executable, "-c", without_dask], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", without_dask], capture_output=True, text=True, encoding="utf-8",
+                          timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert 'pip install "lumbarbmd[archive]"' in proc.stderr and proc.stderr.startswith("lumbarbmd: error: ")
     assert not (tmp_path / "o" / "p3101").exists()  # nothing was computed
     for bad, said in (("local:0", "local:N with N a positive number"), ("somehost:8786", "neither local[:N]")):
         proc = subprocess.run([sys.executable, "-m", "LumbarBMDLib", "run", src, "--out", str(tmp_path / "o"),
-                               "--scheduler", bad], capture_output=True, text=True, timeout=120)
+                               "--scheduler", bad], capture_output=True, text=True, encoding="utf-8",
+                              timeout=120)
         assert proc.returncode == 1 and said in proc.stderr, proc.stderr
     proc = subprocess.run([sys.executable, "-m", "LumbarBMDLib", "run", src, "--out", str(tmp_path / "o"),
-                           "--threads-per-worker", "2"], capture_output=True, text=True, timeout=120)
+                           "--threads-per-worker", "2"], capture_output=True, text=True, encoding="utf-8",
+                          timeout=120)
     assert proc.returncode == 2 and "--threads-per-worker needs --scheduler" in proc.stderr
 
 
