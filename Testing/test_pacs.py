@@ -253,6 +253,13 @@ def test_choose_series_rules_and_sentences() -> None:
     # The order the PACS answers in does not change the choice.
     assert choose_series(list(reversed(series))).chosen.series_uid == "1.3"
     assert contrast_status(_info("3", description="Abdomen NATIVE"))[0] is False
+    # Body part: a head CT is refused; an abdomen beats a chest (which often ends above L1) despite its kernel.
+    parts = choose_series([_info("5.1", body_part="CHEST"), _info("5.2", body_part="ABDOMEN", kernel="B70f"),
+                           _info("5.3", body_part="HEAD")])
+    assert parts.chosen.series_uid == "5.2" and "body part ABDOMEN" in parts.sentence
+    assert "body part CHEST, while the chosen series is of the ABDOMEN" in parts.reasons["5.1"]
+    assert "no lumbar spine" in parts.reasons["5.3"]
+    assert choose_series([_info("6.1", body_part="C-SPINE")]).chosen is None
     assert refusal(_info("4", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))).startswith("a localizer")
 
 

@@ -7,17 +7,21 @@ Rules, in order. A series is **refused** when it is:
 2. not axial: the slice normal (from ImageOrientationPatient) more than ``axial_tolerance_deg`` (20°) from the
    patient's head–foot axis (sagittal and coronal reformats);
 3. too short: ``n_images × slice spacing`` below ``min_coverage_mm`` (120 mm, the height of L1 to L4 in a small
-   adult: four bodies of ≈ 25 mm and three discs of ≈ 8 mm).
+   adult: four bodies of ≈ 25 mm and three discs of ≈ 8 mm);
+4. of a body part that holds no lumbar spine (BodyPartExamined HEAD, BRAIN, NECK, CSPINE, KNEE, … see
+   :data:`NO_LUMBAR_PARTS`).
 
 Among the others the choice prefers, each criterion deciding only between series equal on the ones before:
 
 1. ORIGINAL\\PRIMARY images over DERIVED or SECONDARY ones (reformats, MIPs);
-2. a soft-tissue kernel over an unknown one over a sharp (bone, lung, edge) one — sharp kernels overshoot at the
+2. a body part that holds the lumbar spine (ABDOMEN, LSPINE, PELVIS, … see :data:`LUMBAR_PARTS`) over any other
+   or none recorded (a chest CT often ends above L1);
+3. a soft-tissue kernel over an unknown one over a sharp (bone, lung, edge) one — sharp kernels overshoot at the
    cortex and add noise in trabecular bone (see :data:`KERNEL_TABLE`);
-3. no contrast agent (ContrastBolusAgent empty, description without contrast words) over contrast-enhanced, since
+4. no contrast agent (ContrastBolusAgent empty, description without contrast words) over contrast-enhanced, since
    iodine raises the trabecular HU;
-4. thinner slices (SliceThickness, rounded to 0.01 mm);
-5. longer coverage, then the later series number, then the larger UID (a choice that never depends on the order
+5. thinner slices (SliceThickness, rounded to 0.01 mm);
+6. longer coverage, then the later series number, then the larger UID (a choice that never depends on the order
    in which the PACS answers).
 
 Attributes the PACS did not record never refuse a series; the sentence says they are unknown.
@@ -33,6 +37,15 @@ from LumbarBMDLib.pacs.query import SeriesInfo
 
 MIN_COVERAGE_MM = 120.0
 AXIAL_TOLERANCE_DEG = 20.0
+#: BodyPartExamined values (upper case, without spaces, ``_`` or ``-``) of series that hold the lumbar spine.
+LUMBAR_PARTS = frozenset({"ABDOMEN", "ABDOMENPELVIS", "ABDPELVIS", "CHESTABDOMEN", "CHESTABDOMENPELVIS", "LSPINE",
+                          "LUMBARSPINE", "TLSPINE", "LSSPINE", "SPINE", "WHOLESPINE", "PELVIS", "WHOLEBODY", "TRUNK",
+                          "KIDNEY", "RETROPERITONEUM"})
+#: BodyPartExamined values of series that cannot hold any lumbar vertebra (refused).
+NO_LUMBAR_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "FACE", "SINUS", "ORBIT", "EAR", "IAC", "JAW", "TMJ", "NECK",
+                             "HEADNECK", "CSPINE", "CERVICALSPINE", "LARYNX", "THYROID", "SHOULDER", "ARM", "ELBOW",
+                             "FOREARM", "WRIST", "HAND", "FINGER", "KNEE", "LEG", "ANKLE", "FOOT", "TOE",
+                             "UPPEREXTREMITY", "LOWEREXTREMITY", "EXTREMITY"})
 SECONDARY_CAPTURE_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
     "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3",
@@ -127,6 +140,15 @@ def coverage_mm(series: SeriesInfo) -> float | None:
     return series.n_instances * spacing
 
 
+def body_part(series: SeriesInfo) -> str:
+    """BodyPartExamined normalised: upper case, without spaces, ``_`` or ``-`` ("" when not recorded)."""
+    return re.sub(r"[\s_-]+", "", series.body_part.upper())
+
+
+def _holds_lumbar(series: SeriesInfo) -> bool:
+    return body_part(series) in LUMBAR_PARTS
+
+
 def _is_derived(series: SeriesInfo) -> bool:
     return bool(series.image_type) and (series.image_type[0] == "DERIVED"
                                         or (len(series.image_type) > 1 and series.image_type[1] == "SECONDARY"))
@@ -150,6 +172,9 @@ def refusal(series: SeriesInfo, min_coverage_mm: float = MIN_COVERAGE_MM,
         plane = "sagittal" if series.orientation and abs(series.orientation[0]) < 0.5 and abs(
             series.orientation[3]) < 0.5 else "coronal or oblique"
         return f"not axial (slices {angle:.0f}° from axial, {plane})"
+    if body_part(series) in NO_LUMBAR_PARTS:
+        part = series.body_part.strip()
+        return f"of the {part.lower()} (BodyPartExamined {part}), which holds no lumbar spine"
     if series.n_instances is not None and series.n_instances < 3:
         return f"only {series.n_instances} image(s)"
     extent = coverage_mm(series)
@@ -164,8 +189,9 @@ def preference_key(series: SeriesInfo) -> tuple:
     kernel, _ = classify_kernel(series.kernel)
     contrast, _ = contrast_status(series)
     thickness = round(series.slice_thickness, 2) if series.slice_thickness else math.inf
-    return (not _is_derived(series), _KERNEL_RANK[kernel], not contrast, -thickness, coverage_mm(series) or 0.0,
-            series.series_number if series.series_number is not None else -1, series.series_uid)
+    return (not _is_derived(series), _holds_lumbar(series), _KERNEL_RANK[kernel], not contrast, -thickness,
+            coverage_mm(series) or 0.0, series.series_number if series.series_number is not None else -1,
+            series.series_uid)
 
 
 def describe(series: SeriesInfo) -> str:
@@ -173,8 +199,10 @@ def describe(series: SeriesInfo) -> str:
     agent recorded, 5 mm slices over 320 mm``."""
     angle = slice_normal_angle_deg(series.orientation)
     parts = ["axial" if angle is not None else "orientation not recorded",
-             "derived" if _is_derived(series) else ("original" if series.image_type else "image type not recorded"),
-             classify_kernel(series.kernel)[1], contrast_status(series)[1]]
+             "derived" if _is_derived(series) else ("original" if series.image_type else "image type not recorded")]
+    if series.body_part:
+        parts.append(f"body part {series.body_part}")
+    parts += [classify_kernel(series.kernel)[1], contrast_status(series)[1]]
     extent = coverage_mm(series)
     thickness = f"{series.slice_thickness:g} mm slices" if series.slice_thickness else "slice thickness not recorded"
     parts.append(thickness + (f" over {extent:.0f} mm" if extent is not None else ""))
@@ -185,6 +213,9 @@ def _why_not(series: SeriesInfo, best: SeriesInfo) -> str:
     """The first preference on which ``series`` loses to ``best``, as a clause."""
     if _is_derived(series) != _is_derived(best):
         return "derived/secondary images (a reformat) while an original series exists"
+    if _holds_lumbar(series) != _holds_lumbar(best):
+        mine = f"body part {series.body_part}" if series.body_part else "no body part recorded"
+        return f"{mine}, while the chosen series is of the {best.body_part}, which holds the lumbar spine"
     kernel, kernel_text = classify_kernel(series.kernel)
     best_kernel, best_text = classify_kernel(best.kernel)
     if kernel != best_kernel:
@@ -192,7 +223,7 @@ def _why_not(series: SeriesInfo, best: SeriesInfo) -> str:
     contrast, contrast_text = contrast_status(series)
     if contrast != contrast_status(best)[0]:
         return f"{contrast_text}, while the chosen series has none"
-    a, b = preference_key(series)[3], preference_key(best)[3]
+    a, b = preference_key(series)[4], preference_key(best)[4]
     if a != b:
         mine = f"{series.slice_thickness:g} mm" if series.slice_thickness else "unknown"
         return f"thicker slices ({mine}) than the chosen series ({best.slice_thickness:g} mm)"
