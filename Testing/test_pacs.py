@@ -277,6 +277,7 @@ def test_fixture_fails_without_orthanc(monkeypatch: pytest.MonkeyPatch, tmp_path
 # --- against Orthanc -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("protocol", ["dicomweb", "c-get"])
 def test_query_studies(orthanc: OrthancInstance, archive: dict, protocol: str) -> None:  # noqa: F811
     server = parse_server(_servers(orthanc)[protocol])
@@ -297,6 +298,7 @@ def test_query_studies(orthanc: OrthancInstance, archive: dict, protocol: str) -
     assert uids({"patient_id": PATIENT_1, "modality": "MR"}) == []
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("protocol", ["dicomweb", "c-get"])
 def test_series_attributes_and_choice(orthanc: OrthancInstance, archive: dict, protocol: str) -> None:  # noqa: F811
     server = parse_server(_servers(orthanc)[protocol])
@@ -329,6 +331,7 @@ def test_series_attributes_and_choice(orthanc: OrthancInstance, archive: dict, p
     assert full.image_type[:2] == ("ORIGINAL", "PRIMARY") and full.orientation == (1, 0, 0, 0, 1, 0)
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("protocol", ["dicomweb", "c-get", "c-move"])
 def test_retrieve_identical(orthanc: OrthancInstance, archive: dict, protocol: str,  # noqa: F811
                             tmp_path: Path) -> None:
@@ -347,6 +350,7 @@ def _stats(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.real
 def test_fetch_resumes_and_goes_on_after_a_failed_study(orthanc: OrthancInstance, archive: dict,  # noqa: F811
                                                         tmp_path: Path) -> None:
     server = _servers(orthanc)["dicomweb"]
@@ -394,6 +398,7 @@ def test_fetch_resumes_and_goes_on_after_a_failed_study(orthanc: OrthancInstance
     assert not [p for p in cache.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
 
 
+@pytest.mark.real
 def test_two_fetches_of_one_study_at_once(orthanc: OrthancInstance, archive: dict,  # noqa: F811
                                          tmp_path: Path) -> None:
     """Two writers on one cache: they take turns per study; one downloads, the other finds it complete."""
@@ -418,6 +423,7 @@ def test_two_fetches_of_one_study_at_once(orthanc: OrthancInstance, archive: dic
     assert len(list(results[0].series_folder.glob("*.dcm"))) == 40
 
 
+@pytest.mark.real
 def test_pacs_inputs_for_the_batch_over_c_get(orthanc: OrthancInstance, archive: dict,  # noqa: F811
                                               tmp_path: Path) -> None:
     spec = _servers(orthanc)["c-get"]
@@ -458,6 +464,7 @@ def _result_files(archive: dict, out: Path, label: str) -> list[Path]:
     return [out / "sr.dcm", sc]
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("protocol", ["dicomweb", "c-get"])
 def test_send_back_and_find_again(orthanc: OrthancInstance, archive: dict, protocol: str,  # noqa: F811
                                   tmp_path: Path) -> None:
@@ -486,6 +493,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.real
 def test_failures_are_sentences(orthanc: OrthancInstance, archive: dict, tmp_path: Path) -> None:  # noqa: F811
     query = StudyQuery(patient_id=PATIENT_1)
     port = _closed_port()
