@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pydicom
@@ -125,8 +125,9 @@ def _check_files(paths: list[Path], series: SeriesInfo) -> None:
 
 
 def _from_marker(study: StudyInfo, server: PacsServer, folder: Path, marker: dict, query: dict) -> FetchedStudy:
+    known = {f.name for f in fields(SeriesInfo)}
     series = SeriesInfo(**{k: (tuple(v) if k in ("image_type", "orientation") and v is not None else v)
-                           for k, v in marker["series"].items()})
+                           for k, v in marker["series"].items() if k in known})
     return FetchedStudy(study=study, server=server.describe(), series=series,
                         series_folder=folder / folder_name(marker["series_instance_uid"]), choice=marker["choice"],
                         reasons=tuple(marker["reasons"]), from_cache=True, n_files=len(marker["files"]),
