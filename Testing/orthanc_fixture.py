@@ -117,7 +117,6 @@ def orthanc_config(folder: Path, http_port: int, dicom_port: int, store_port: in
         "ConcurrentJobs": 2,
         "StableAge": 2,
         "SaveJobs": False,
-        "RemoteAccessAllowedNetworks": [],
         "MaximumStorageSize": 0,
         "LimitFindResults": 0,
         "LimitFindInstances": 0,
