@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +51,8 @@ def watch(out: Path, stop: threading.Event, seen: dict[str, float], t0: float) -
     while not stop.is_set():
         if out.is_dir():
             for f in out.glob("*/results.json"):
-                seen.setdefault(f.parent.name, time.perf_counter() - t0)
+                if not f.parent.name.startswith("."):  # a case folder, not a temporary one being filled
+                    seen.setdefault(f.parent.name, time.perf_counter() - t0)
         time.sleep(0.1)
 
 
@@ -57,13 +60,17 @@ def run_once(mode: str, paths: list[Path], out: Path, args) -> dict:
     cmd = [*lumbarbmd(), "run", *map(str, paths), "--out", str(out), "--force", "--quiet", "--device", args.device]
     if mode == "dask":
         cmd += ["--scheduler", f"local:{args.workers}", "--threads-per-worker", str(args.threads_per_worker)]
+    shutil.rmtree(out, ignore_errors=True)  # the watcher must not see an earlier run's results.json
     seen: dict[str, float] = {}
     stop = threading.Event()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     thread = threading.Thread(target=watch, args=(out, stop, seen, t0), daemon=True)
     thread.start()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its workers (reaped when it closed them)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     stop.set()
     thread.join()
     if proc.returncode != 0:
@@ -78,6 +85,7 @@ def run_once(mode: str, paths: list[Path], out: Path, args) -> dict:
     return {"mode": mode, "wall": wall, "per_min": 60 * len(paths) / wall, "first_done": seen[first],
             "steady_per_min": 60 * (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else None,
             "utilisation": busy / (workers * max(done[-1] - start, 1e-9)), "startup": start,
+            "cpu": cpu, "cores_busy": cpu / wall,
             "stages": {k: statistics.median(t.get(k, 0.0) for t in timings.values()) for k in STAGES}}
 
 
@@ -85,7 +93,8 @@ def show(r: dict, n: int) -> None:
     steady = f"{r['steady_per_min']:.2f}" if r["steady_per_min"] else "-"
     print(f"{r['mode']:>10}: {r['wall']:6.1f} s for {n} cases = {r['per_min']:.2f} cases/min (start-up included); "
           f"first case done at {r['first_done']:.1f} s (start-up ≈ {r['startup']:.1f} s), then {steady} cases/min; "
-          f"utilisation {100 * r['utilisation']:.0f} %")
+          f"worker utilisation {100 * r['utilisation']:.0f} %; CPU {r['cpu']:.0f} s = {r['cores_busy']:.2f} of "
+          f"{os.cpu_count()} cores busy on average")
     print(" " * 12 + "median s per case: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()))
 
 
@@ -97,7 +106,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="pairs of runs, alternating the order")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lumbarbmd-bench-dask"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--modes", default="in-process,dask", help="which of the two to run (default both)")
     args = ap.parse_args()
+    modes = args.modes.split(",")
     work = Path(args.work)
     paths = make_inputs(work, args.cases)
     print(f"{len(paths)} full phantom cases in {work / 'inputs'}; {os.cpu_count()} cores; load average "
@@ -105,12 +116,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"in-process": [], "dask": []}
     for i in range(args.rounds):
         order = ("in-process", "dask") if i % 2 == 0 else ("dask", "in-process")
-        for mode in order:
+        for mode in (m for m in order if m in modes):
             r = run_once("dask" if mode == "dask" else "in", paths, work / f"out-{mode}", args)
             r["mode"] = mode
             runs[mode].append(r)
             show(r, len(paths))
     print(f"load average {os.getloadavg()[0]:.1f} at the end (other users of the machine make every figure noisy)")
+    if not all(runs.values()):
+        return
     inproc = statistics.median(r["per_min"] for r in runs["in-process"])
     dask = statistics.median(r["per_min"] for r in runs["dask"])
     print(f"cases per minute (median of {args.rounds}): in-process {inproc:.2f}, Dask local:{args.workers} "

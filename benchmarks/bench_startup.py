@@ -52,7 +52,7 @@ def cli_import_s() -> float:
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", "import LumbarBMDLib.cli"], capture_output=True,
                          text=True, check=True).stderr
     lines = [m for m in re.finditer(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)", err)]
-    return sum(int(m[1]) for m in lines if m[2] == " " and m[3] not in ("site", "encodings")) / 1e6
+    return sum(int(m[1]) for m in lines if m[2] == "" and m[3] not in ("site", "encodings")) / 1e6
 
 
 def full_case(work: Path) -> Path:
@@ -65,8 +65,10 @@ def full_case(work: Path) -> Path:
 
 def profile_run(case: Path, out: Path) -> None:
     prof = out.parent / "run.prof"
-    subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "LumbarBMDLib", "run", str(case),
-                    "--out", str(out), "--force", "--quiet", "--device", "cpu"], check=True, capture_output=True)
+    argv = ["run", str(case), "--out", str(out), "--force", "--quiet", "--device", "cpu"]
+    code = (f"import cProfile, json; from LumbarBMDLib.cli import main; argv = json.loads({json.dumps(argv)!r}); "
+            f"cProfile.runctx('main(argv)', globals(), locals(), {str(prof)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # main(argv) returns: no os._exit
     stats = pstats.Stats(str(prof))
     cum = {}
     for (file, _, name), (_, _, _, ct, _) in stats.stats.items():
