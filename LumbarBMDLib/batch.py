@@ -118,6 +118,13 @@ def case_ids(paths: list[Path]) -> list[str]:
     return ids
 
 
+def named_jobs(paths: list[Path], names: dict[str, str] | None = None) -> list[tuple[Path, str]]:
+    """``(path, case id)`` per input: :func:`case_ids`, except for the inputs ``names`` (keyed by absolute path)
+    names itself (a PACS study is named by its Study Instance UID, not by its cache folder)."""
+    given = {os.path.abspath(Path(k).expanduser()): _safe(v) for k, v in (names or {}).items()}
+    return [(p, given.get(os.path.abspath(p), c)) for p, c in zip_strict(paths, case_ids(paths))]
+
+
 def input_digest(path: Path) -> str | None:
     """sha256 of an input's content: a file's bytes, or a folder's regular files (relative names and bytes, in
     sorted order); None for anything else (a device, a FIFO: the reader refuses them)."""
@@ -207,12 +214,20 @@ def _results_csv(path: Path, results: dict) -> None:
                              "reason": v.get("reason", "")})
 
 
-def write_case_outputs(folder: Path, results: dict, result: CaseResult | None) -> None:
-    """Write a case's files into ``folder`` via a temporary sibling folder put in place at the end (atomic)."""
+def write_case_outputs(folder: Path, results: dict, result: CaseResult | None,
+                       dicom_source: Path | None = None) -> None:
+    """Write a case's files into ``folder`` via a temporary sibling folder put in place at the end (atomic).
+
+    ``dicom_source``: the input, when DICOM outputs were asked for (``run --dicom``): the SEG and SR
+    (:func:`LumbarBMDLib.dicom.outputs.write_dicom_outputs`) go into the same folder, and results.json says which
+    files (``dicom_outputs.files``) or why there are none (``dicom_outputs.error``: a NIfTI input, a changed
+    series); the measurement stands either way."""
     from LumbarBMDLib.report import render_report
     from LumbarBMDLib.volume import write_image
 
     with atomic_folder(folder) as tmp:
+        if result is not None and dicom_source is not None:
+            results["dicom_outputs"] = dicom_outputs_into(tmp, Path(dicom_source), result, results)
         if result is not None:
             geom = result.label_geometry
             mean_image = result.annotation.images.candidates_hu.mean(axis=0).astype(np.float32)
@@ -221,6 +236,21 @@ def write_case_outputs(folder: Path, results: dict, result: CaseResult | None) -
             _results_csv(tmp / "results.csv", results)
             (tmp / "report.html").write_text(render_report(results, result), encoding="utf-8")
         _write_json(tmp / "results.json", results)
+
+
+def dicom_outputs_into(folder: Path, source: Path, result: CaseResult, results: dict) -> dict:
+    """Write the case's DICOM SEG and SR into ``folder``: ``{"files": [...]}``, or ``{"error": sentence}`` when
+    they cannot be made (the input is not a DICOM series, the archive extra is missing, …)."""
+    try:
+        from LumbarBMDLib.dicom.outputs import write_dicom_outputs
+
+        written = write_dicom_outputs(folder, source, result, results)
+    except ImportError as err:
+        return {"error": f"DICOM SEG and SR need highdicom ({err.name} is not installed): "
+                         'pip install "lumbarbmd[archive]"'}
+    except LumbarBMDError as err:
+        return {"error": str(err)}
+    return {"files": [p.name for p in written]}
 
 
 def failed_results(source: str, error: str, timings: dict | None = None) -> dict:
@@ -257,11 +287,13 @@ def apply_scanner_spec(volume, spec) -> None:
 
 
 def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
-             calibration: ScannerCalibration | None, identity: dict | None = None, scanner_spec=None) -> dict:
+             calibration: ScannerCalibration | None, identity: dict | None = None, scanner_spec=None,
+             dicom_out: bool = False) -> dict:
     """Measure one input and write its folder; returns its results.json object (never raises for a bad input).
 
-    ``identity`` (``case_id``, ``input_sha256``) is recorded in results.json; ``scanner_spec``: the site's scanner
-    description (:func:`apply_scanner_spec`)."""
+    ``identity`` (``case_id``, ``input_sha256``, and e.g. the PACS provenance) is recorded in results.json;
+    ``scanner_spec``: the site's scanner description (:func:`apply_scanner_spec`); ``dicom_out``: also write the
+    DICOM SEG and SR (:func:`write_case_outputs`)."""
     from LumbarBMDLib.pipeline import measure, results_json
     from LumbarBMDLib.volume import read_ct
 
@@ -282,7 +314,7 @@ def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: 
         result, results = None, failed_results(str(path), sentence, {"total": time.perf_counter() - t0})
     results.update(identity or {})
     try:
-        write_case_outputs(folder, results, result)
+        write_case_outputs(folder, results, result, path if dicom_out else None)
     except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing half-written remains
         raise LumbarBMDError(f"could not write the case folder {folder}: {err.strerror or err}") from None
     return results
@@ -342,7 +374,8 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
               calibration: ScannerCalibration | None = None, seg_model_path: str | Path | None = None,
               bmd_model_path: str | Path | None = None, progress: bool = True,
               allow_unverified: bool = False, scanner_spec=None, *, scheduler: str | None = None,
-              threads_per_worker: int | None = None, retries: int | None = None) -> list[CaseOutcome]:
+              threads_per_worker: int | None = None, retries: int | None = None, dicom_out: bool = False,
+              extras: dict[str, dict] | None = None, names: dict[str, str] | None = None) -> list[CaseOutcome]:
     """Run every input; returns the outcomes in input order (see the module docstring). ``allow_unverified``
     accepts models whose card has no sha256 (recorded in results.json as ``models_verified``); ``scanner_spec``:
     the site's scanner description for the internal calibration (:func:`apply_scanner_spec`).
@@ -358,18 +391,19 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     clean_stale_temporaries(out_dir)
     # per-case options, forwarded as keywords to _run_one both here and on Dask workers: a new per-case option
     # (e.g. a DICOM output folder) is one more entry here and one more keyword of _run_one / run_case
-    options = {"calibration": calibration, "force": force, "scanner_spec": scanner_spec}
+    options = {"calibration": calibration, "force": force, "scanner_spec": scanner_spec, "dicom_out": dicom_out,
+               "extras": {os.path.abspath(Path(k).expanduser()): v for k, v in (extras or {}).items()}}
     if scheduler is not None:
         from LumbarBMDLib.distributed import ModelSpec, run_distributed
 
         paths = [Path(os.path.abspath(Path(raw).expanduser())) for raw in inputs]  # workers have their own cwd
-        return run_distributed(scheduler, list(zip_strict(paths, case_ids(paths))), out_dir,
+        return run_distributed(scheduler, named_jobs(paths, names), out_dir,
                                ModelSpec.of(seg_model_path, bmd_model_path, device, allow_unverified), options,
                                progress=progress, threads_per_worker=threads_per_worker, retries=retries)
     from tqdm import tqdm
 
     paths = [Path(raw).expanduser() for raw in inputs]
-    jobs = list(zip_strict(paths, case_ids(paths)))
+    jobs = named_jobs(paths, names)
     with imports_without_gc():
         import monai.networks.nets  # noqa: F401  (DenseNet-121: what RegressionModel.load builds)
 
@@ -408,8 +442,11 @@ def imports_without_gc():
 
 
 def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
-             calibration: ScannerCalibration | None = None, force: bool = False, scanner_spec=None) -> CaseOutcome:
+             calibration: ScannerCalibration | None = None, force: bool = False, scanner_spec=None,
+             dicom_out: bool = False, extras: dict[str, dict] | None = None) -> CaseOutcome:
     """One input, under the lock of its case id (a second process on the same case waits, then finds it done).
+
+    ``extras``: per input (keyed by its absolute path), fields added to its results.json (the PACS provenance).
 
     The one implementation of a case: the in-process batch and the Dask workers
     (:func:`LumbarBMDLib.distributed.case_task`) both call it."""
@@ -424,11 +461,12 @@ def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationMod
         with case_lock(out_dir, final_id) if final_id != case_id else contextlib.nullcontext():
             if previous is not None and previous.get("status") in ("ok", "partial") and not force:
                 return CaseOutcome(final_id, folder, previous, skipped=True, note=note)
-            identity = {"case_id": final_id, "input_sha256": digest}
+            identity = {"case_id": final_id, "input_sha256": digest, **(extras or {}).get(os.path.abspath(path), {})}
             if note:
                 identity["note"] = note
             try:
-                results = run_case(path, folder, seg_model, bmd_model, calibration, identity, scanner_spec)
+                results = run_case(path, folder, seg_model, bmd_model, calibration, identity, scanner_spec,
+                                   dicom_out)
             except LumbarBMDError as err:  # the folder could not be written: the case is lost, the batch goes on
                 return CaseOutcome(final_id, folder, failed_results(source, str(err)), note=str(err))
             return CaseOutcome(final_id, folder, results, note=note)

@@ -107,8 +107,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``run``'s PACS query options and the :class:`~LumbarBMDLib.pacs.query.StudyQuery` field each fills.
+PACS_QUERY_OPTIONS = {"patient_id": "patient_id", "patient_name": "patient_name", "study_date": "study_date",
+                      "accession": "accession_number", "study_uid": "study_instance_uid", "modality": "modality"}
+
+
+def pacs_query(args: argparse.Namespace) -> dict:
+    """The study query of ``run --pacs`` (empty options left out)."""
+    return {key: getattr(args, opt) for opt, key in PACS_QUERY_OPTIONS.items() if getattr(args, opt)}
+
+
+def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``run``: something to measure; the PACS options only with --pacs."""
+    if args.pacs is None:
+        given = [f"--{opt.replace('_', '-')}" for opt in (*PACS_QUERY_OPTIONS, "pacs_cache", "pacs_refresh",
+                                                          "send_back", "send_back_to")
+                 if opt != "modality" and getattr(args, opt)]
+        if given:
+            parser.error(f"{', '.join(given)} need(s) --pacs ADDRESS (the PACS to query)")
+        if not args.inputs:
+            parser.error("run needs INPUT files or DICOM folders, or --pacs ADDRESS with a query")
+    elif not any(getattr(args, opt) for opt in PACS_QUERY_OPTIONS if opt != "modality"):
+        parser.error("--pacs needs a query besides the modality (--patient-id, --patient-name, --study-date, "
+                     "--accession or --study-uid): a PACS is never asked for all of its studies")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """The whole method over CT files and DICOM folders (here, or on Dask workers with ``--scheduler``)."""
+    """The whole method over CT files and DICOM folders (here, or on Dask workers with ``--scheduler``), or over the
+    studies a PACS query finds (``--pacs``)."""
     if args.scheduler:
         from LumbarBMDLib.distributed import check_scheduler, import_distributed
 
@@ -123,10 +149,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         from LumbarBMDLib.phantom.physics import read_scanner_json
 
         spec = read_scanner_json(args.scanner_spec)  # a bad file is one sentence
-    outcomes = run_batch(args.inputs, args.out, device=args.device, force=args.force, calibration=calibration,
-                         seg_model_path=args.seg_model, bmd_model_path=args.bmd_model, progress=not args.quiet,
-                         allow_unverified=args.allow_unverified_model, scanner_spec=spec, scheduler=args.scheduler,
-                         threads_per_worker=args.threads_per_worker, retries=args.retries)
+    inputs, extras, names, failed_studies = list(args.inputs), {}, {}, []
+    if args.pacs:
+        from LumbarBMDLib.pacs.screening import DEFAULT_CACHE, study_inputs
+
+        found = study_inputs(args.pacs, pacs_query(args), args.pacs_cache or Path(args.out) / DEFAULT_CACHE,
+                             refresh=args.pacs_refresh)
+        inputs += [str(p) for p in found.inputs]
+        extras, names, failed_studies = found.extras, found.names, found.failed
+    outcomes = []
+    if failed_studies:
+        from LumbarBMDLib.durable import check_writable_folder
+        from LumbarBMDLib.pacs.screening import record_failed_studies
+
+        outcomes += record_failed_studies(check_writable_folder(args.out), failed_studies)
+    if inputs:
+        outcomes += run_batch(inputs, args.out, device=args.device, force=args.force, calibration=calibration,
+                              seg_model_path=args.seg_model, bmd_model_path=args.bmd_model, progress=not args.quiet,
+                              allow_unverified=args.allow_unverified_model, scanner_spec=spec,
+                              scheduler=args.scheduler, threads_per_worker=args.threads_per_worker,
+                              retries=args.retries, dicom_out=args.dicom or args.send_back, extras=extras,
+                              names=names)
+    if failed_studies and not inputs:  # a batch writes summary.csv (failed studies' folders included)
+        from LumbarBMDLib.batch import write_summary
+
+        write_summary(Path(args.out))
+    sent = []
+    if args.send_back:
+        from LumbarBMDLib.pacs.screening import send_case_outputs
+
+        sent = send_case_outputs(args.out, outcomes, args.send_back_to or args.pacs)
     counts = {s: sum(o.results.get("status") == s for o in outcomes) for s in ("ok", "partial", "failed")}
     skipped = sum(o.skipped for o in outcomes)
     for o in outcomes:
@@ -140,6 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             extra = f", missing {' '.join(missing)}" if missing else ""
             print(f"{o.case}: {r['status']}, mean BMD {r['mean_bmd_mg_cm3']:.1f} mg/cm³ ({r['category']}){extra}"
                   + (" [already done]" if o.skipped else ""))
+    for line in sent:
+        print(line)
     print(f"{len(outcomes)} case(s): {counts['ok']} ok, {counts['partial']} partial, {counts['failed']} failed"
           + (f" ({skipped} already done, skipped)" if skipped else "") + f"; summary: {Path(args.out) / 'summary.csv'}")
     return 1 if counts["failed"] else 0
@@ -337,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="the whole method on CT files and DICOM folders (batch)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI / NRRD / MHA file or DICOM folder")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="NIfTI / NRRD / MHA file or DICOM folder (or none, "
+                   "with --pacs)")
     p.add_argument("--out", required=True, help="output folder: OUT/<case>/results.json, ..., OUT/summary.csv")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--calibration", help="scanner calibration JSON (lumbarbmd calibrate) for these scans")
@@ -363,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, metavar="R",
                    help="with --scheduler: times a case whose task raised is tried again (default 2; a case whose "
                         "worker died is re-run by the scheduler up to distributed.scheduler.allowed-failures)")
+    p.add_argument("--dicom", action="store_true",
+                   help="also write a DICOM SEG (L1-L4 bodies, trabecular ROIs) and a TID 1500 SR (BMD per level) "
+                        "in the source study, OUT/<case>/seg.dcm and sr.dcm, for DICOM inputs (archive extra)")
+    pacs = p.add_argument_group("studies from a PACS (archive extra; README 'Studies from a PACS')")
+    pacs.add_argument("--pacs", metavar="ADDRESS", help="DICOMweb URL (http(s)://host/dicom-web) or "
+                      "dimse://AET@host:port[?aet=LUMBARBMD&retrieve=get|move&store_port=N]: measure the studies "
+                      "the query options find (one chosen series each)")
+    pacs.add_argument("--patient-id", metavar="ID")
+    pacs.add_argument("--patient-name", metavar="NAME", help="wildcards * and ?, ^ between name parts")
+    pacs.add_argument("--study-date", metavar="RANGE", help="YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD")
+    pacs.add_argument("--accession", metavar="NUMBER")
+    pacs.add_argument("--study-uid", metavar="UID")
+    pacs.add_argument("--modality", default="CT", help="ModalitiesInStudy (default CT)")
+    pacs.add_argument("--pacs-cache", metavar="DIR", help="download cache (default OUT/.pacs-cache); complete "
+                      "studies are not downloaded again")
+    pacs.add_argument("--pacs-refresh", action="store_true", help="download the studies again even when complete")
+    pacs.add_argument("--send-back", action="store_true",
+                      help="send each measured case's SEG and SR to the PACS, into its study (implies --dicom)")
+    pacs.add_argument("--send-back-to", metavar="ADDRESS", help="send them to this archive instead of --pacs")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("phantom", help="write synthetic lumbar CTs with exact ground truth")
@@ -532,6 +606,8 @@ def _main(argv: Sequence[str] | None) -> int:
             parser.error(f"--{option.replace('_', '-')} must be {need}")
         if value is not None and not getattr(args, "scheduler", None):
             parser.error(f"--{option.replace('_', '-')} needs --scheduler")
+    if getattr(args, "func", None) is cmd_run:
+        check_run_options(parser, args)
     if getattr(args, "max_voxels", None) is not None:
         if args.max_voxels < 1:
             parser.error("--max-voxels must be a positive number of voxels")
