@@ -1,4 +1,4 @@
-"""The README picture of the DICOM SEG: ``docs/img/dicom_seg_overlay.png``.
+"""The README picture of the DICOM SEG: ``docs/images/dicom_seg_overlay.png``.
 
 A full-size phantom case (512², 1 mm slices) is written as a classic DICOM CT series, read back with ``read_ct``,
 measured by the whole pipeline with the shipped models, and its ``seg.dcm`` / ``sr.dcm`` are written. The SEG is then
@@ -6,7 +6,7 @@ measured by the whole pipeline with the shipped models, and its ``seg.dcm`` / ``
 slice through the canal's plane (L1–L4 bodies and trabecular ROIs), a coronal slice through the bodies (the 8 mm slab
 the body segments span, the 16 mm ROIs) and an axial slice through L3's ROI. Prints the timings and sizes.
 
-    .venv/bin/python docs/make_seg_overlay.py [--out docs/img/dicom_seg_overlay.png] [--size full|small]
+    .venv/bin/python docs/make_seg_overlay.py [--out docs/images/dicom_seg_overlay.png] [--size full|small]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _panel(ax, image: np.ndarray, bodies: np.ndarray, rois: np.ndarray, extent, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "img" / "dicom_seg_overlay.png"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "images" / "dicom_seg_overlay.png"))
     parser.add_argument("--size", default="full", choices=("full", "small"))
     args = parser.parse_args()
 
