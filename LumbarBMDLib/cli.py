@@ -199,6 +199,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+#: ``info`` reads its HU percentiles on a systematic sample of at most this many voxels: exact percentiles of a full
+#: CT (8·10⁷ voxels) took 1.3–2.4 s, longer than reading the file; on 4·10⁶ voxels every 1st/50th/99th percentile of
+#: the phantom and real CTs here is within 1 HU of the exact one (Testing/test_cli.py checks it on a case).
+INFO_PERCENTILE_SAMPLE = 4_000_000
+
+
+def hu_percentiles(hu, q: Sequence[float], sample: int = INFO_PERCENTILE_SAMPLE) -> list[float]:
+    """Percentiles ``q`` of the HU array, on every k-th voxel (k = ⌈size / sample⌉; all voxels for small images)."""
+    import numpy as np
+
+    flat = hu.reshape(-1)
+    step = max(1, -(-flat.size // sample))
+    return [round(float(v), 1) for v in np.percentile(flat[::step], list(q))]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Read a CT (file or DICOM folder) and describe it."""
     import numpy as np
@@ -214,7 +229,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "origin_lps": [round(o, 3) for o in vol.origin],
         "orientation_in_file": vol.metadata.get("original_orientation"),
         "hu_range": [float(np.min(vol.hu)), float(np.max(vol.hu))],
-        "hu_percentiles_1_50_99": [float(v) for v in np.percentile(vol.hu, [1, 50, 99])],
+        "hu_percentiles_1_50_99": hu_percentiles(vol.hu, (1, 50, 99)),
     }
     for key in ("format", "modality", "series_description", "dicom_choice", "warnings"):
         if vol.metadata.get(key):

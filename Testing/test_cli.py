@@ -112,6 +112,16 @@ def test_info_reads_real_ct(real_dir):
     assert info["hu_range"][0] < -1000 < 1000 < info["hu_range"][1]
 
 
+def test_info_percentiles_on_a_sample_match_the_exact_ones(small_case, real_dir):
+    from LumbarBMDLib.cli import hu_percentiles
+
+    for hu in (small_case.ct.hu, read_ct(real_dir / "ct.nii.gz").hu):
+        exact = np.percentile(hu, [1, 50, 99])
+        assert hu_percentiles(hu, (1, 50, 99), sample=hu.size) == [round(float(v), 1) for v in exact]
+        sampled = hu_percentiles(hu, (1, 50, 99), sample=hu.size // 20)  # every 20th voxel, as on a full CT
+        assert np.all(np.abs(np.array(sampled) - exact) <= 1.0), (sampled, exact)
+
+
 def test_errors_are_one_line_and_exit_1(tmp_path):
     out = run_cli("info", str(tmp_path / "missing.nii.gz"))
     assert out.returncode == 1
