@@ -247,6 +247,9 @@ def connect(scheduler: str, threads_per_worker: int | None = None):
         workers, threads = local_layout(count, threads_per_worker)
         import dask
 
+        for name in WORKER_ENVIRON_DROPPED:  # a nanny of an earlier cluster in this process left it in os.environ,
+            os.environ.pop(name, None)  # which new workers would inherit (Nanny copies pre-spawn-environ there)
+
         with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}), \
                 distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                          dashboard_address=None, scheduler_port=0,

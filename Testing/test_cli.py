@@ -118,8 +118,10 @@ def test_info_percentiles_on_a_sample_match_the_exact_ones(small_case, real_dir)
     for hu in (small_case.ct.hu, read_ct(real_dir / "ct.nii.gz").hu):
         exact = np.percentile(hu, [1, 50, 99])
         assert hu_percentiles(hu, (1, 50, 99), sample=hu.size) == [round(float(v), 1) for v in exact]
-        sampled = hu_percentiles(hu, (1, 50, 99), sample=hu.size // 20)  # every 20th voxel, as on a full CT
-        assert np.all(np.abs(np.array(sampled) - exact) <= 1.0), (sampled, exact)
+        # a 20-fold subsample, as on a full CT: each value is the q-th percentile of all voxels to within 0.2
+        # percentile points (a few HU in the sparse tail between soft tissue and bone)
+        for q, v in zip((1, 50, 99), hu_percentiles(hu, (1, 50, 99), sample=hu.size // 20)):
+            assert np.mean(hu < v) <= q / 100 + 0.002 and np.mean(hu <= v) >= q / 100 - 0.002, (q, v)
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path):
