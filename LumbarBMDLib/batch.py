@@ -226,9 +226,9 @@ def write_case_outputs(folder: Path, results: dict, result: CaseResult | None,
     from LumbarBMDLib.volume import write_image
 
     with atomic_folder(folder) as tmp:
-        if result is not None and dicom_source is not None:
-            results["dicom_outputs"] = dicom_outputs_into(tmp, Path(dicom_source), result, results)
         if result is not None:
+            if dicom_source is not None:
+                results["dicom_outputs"] = dicom_outputs_into(tmp, Path(dicom_source), result, results)
             geom = result.label_geometry
             mean_image = result.annotation.images.candidates_hu.mean(axis=0).astype(np.float32)
             write_image(geom.to_sitk(mean_image), tmp / "sagittal.nii.gz")
@@ -450,6 +450,19 @@ def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationMod
 
     The one implementation of a case: the in-process batch and the Dask workers
     (:func:`LumbarBMDLib.distributed.case_task`) both call it."""
+    def measure_into(folder: Path, identity: dict) -> dict:
+        identity.update((extras or {}).get(os.path.abspath(path), {}))
+        return run_case(path, folder, seg_model, bmd_model, calibration, identity, scanner_spec, dicom_out)
+
+    return in_case_folder(path, case_id, out_dir, measure_into, force)
+
+
+def in_case_folder(path: Path, case_id: str, out_dir: Path, work, force: bool = False) -> CaseOutcome:
+    """Run ``work(folder, identity) -> results`` for one input in its case folder: under the case's lock, in the
+    folder :func:`resolve_case_folder` gives it (never another input's), unless it is finished already (ok or
+    partial, and not ``force``). ``identity`` holds ``case_id``, ``input_sha256`` and the folder's note; a
+    :class:`LumbarBMDError` from ``work`` (the folder could not be written) is the case's failure, the batch goes on.
+    """
     source = str(path)
     digest = input_digest(path)
     with case_lock(out_dir, case_id):
@@ -461,12 +474,11 @@ def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationMod
         with case_lock(out_dir, final_id) if final_id != case_id else contextlib.nullcontext():
             if previous is not None and previous.get("status") in ("ok", "partial") and not force:
                 return CaseOutcome(final_id, folder, previous, skipped=True, note=note)
-            identity = {"case_id": final_id, "input_sha256": digest, **(extras or {}).get(os.path.abspath(path), {})}
+            identity = {"case_id": final_id, "input_sha256": digest}
             if note:
                 identity["note"] = note
             try:
-                results = run_case(path, folder, seg_model, bmd_model, calibration, identity, scanner_spec,
-                                   dicom_out)
+                results = work(folder, identity)
             except LumbarBMDError as err:  # the folder could not be written: the case is lost, the batch goes on
                 return CaseOutcome(final_id, folder, failed_results(source, str(err)), note=str(err))
             return CaseOutcome(final_id, folder, results, note=note)

@@ -118,7 +118,13 @@ def pacs_query(args: argparse.Namespace) -> dict:
 
 
 def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``run``: something to measure; the PACS options only with --pacs."""
+    """``run``: the Dask options only with --scheduler; something to measure; the PACS options only with --pacs."""
+    for option, least, need in (("threads_per_worker", 1, "at least 1"), ("retries", 0, "zero or more")):
+        value = getattr(args, option)
+        if value is not None and value < least:
+            parser.error(f"--{option.replace('_', '-')} must be {need}")
+        if value is not None and not args.scheduler:
+            parser.error(f"--{option.replace('_', '-')} needs --scheduler")
     if args.pacs is None:
         given = [f"--{opt.replace('_', '-')}" for opt in (*PACS_QUERY_OPTIONS, "pacs_cache", "pacs_refresh",
                                                           "send_back", "send_back_to")
@@ -616,12 +622,6 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "cases", 1) < 1:
         parser.error("--cases must be at least 1")
-    for option, least, need in (("threads_per_worker", 1, "at least 1"), ("retries", 0, "zero or more")):
-        value = getattr(args, option, None)
-        if value is not None and value < least:
-            parser.error(f"--{option.replace('_', '-')} must be {need}")
-        if value is not None and not getattr(args, "scheduler", None):
-            parser.error(f"--{option.replace('_', '-')} needs --scheduler")
     if getattr(args, "func", None) is cmd_run:
         check_run_options(parser, args)
     if getattr(args, "max_voxels", None) is not None:

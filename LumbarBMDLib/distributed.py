@@ -36,11 +36,11 @@ from LumbarBMDLib.batch import (
     CaseOutcome,
     _run_one,
     failed_results,
-    resolve_case_folder,
+    in_case_folder,
     write_case_outputs,
     write_summary,
 )
-from LumbarBMDLib.durable import case_lock, clean_stale_temporaries
+from LumbarBMDLib.durable import clean_stale_temporaries
 from LumbarBMDLib.errors import LumbarBMDError
 
 INSTALL_HINT = 'pip install "lumbarbmd[archive]"'
@@ -294,24 +294,13 @@ def _forwarded_env() -> dict[str, str | None]:
 def _lost_case(out_dir: Path, path: Path, case_id: str, sentence: str) -> CaseOutcome:
     """A case whose task never finished (its workers kept dying): a failed results.json, written as the in-process
     batch writes a failed case (unless the folder holds another input, or this case finished after all)."""
-    source = str(path)
-    from LumbarBMDLib.batch import input_digest
+    def record_failure(folder: Path, identity: dict) -> dict:
+        results = {**failed_results(str(path), sentence), **identity}
+        with contextlib.suppress(OSError):
+            write_case_outputs(folder, results, None)
+        return results
 
-    digest = input_digest(path)
-    with case_lock(out_dir, case_id):
-        try:
-            final_id, previous, note = resolve_case_folder(out_dir, case_id, source, digest)
-        except LumbarBMDError as err:
-            return CaseOutcome(case_id, out_dir / case_id, failed_results(source, str(err)), note=str(err))
-        folder = out_dir / final_id
-        with case_lock(out_dir, final_id) if final_id != case_id else contextlib.nullcontext():
-            if previous is not None and previous.get("status") in ("ok", "partial"):
-                return CaseOutcome(final_id, folder, previous, skipped=True, note=note)
-            results = failed_results(source, sentence)
-            results.update({"case_id": final_id, "input_sha256": digest, **({"note": note} if note else {})})
-            with contextlib.suppress(OSError):
-                write_case_outputs(folder, results, None)
-            return CaseOutcome(final_id, folder, results, note=note)
+    return in_case_folder(path, case_id, out_dir, record_failure)
 
 
 def run_distributed(scheduler: str, jobs: list[tuple[Path, str]], out_dir: Path, spec: ModelSpec, options: dict, *,
