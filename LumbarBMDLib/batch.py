@@ -288,23 +288,26 @@ def apply_scanner_spec(volume, spec) -> None:
 
 def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
              calibration: ScannerCalibration | None, identity: dict | None = None, scanner_spec=None,
-             dicom_out: bool = False) -> dict:
+             dicom_out: bool = False, ahead: ReadAhead | None = None) -> dict:
     """Measure one input and write its folder; returns its results.json object (never raises for a bad input).
 
     ``identity`` (``case_id``, ``input_sha256``, and e.g. the PACS provenance) is recorded in results.json;
     ``scanner_spec``: the site's scanner description (:func:`apply_scanner_spec`); ``dicom_out``: also write the
-    DICOM SEG and SR (:func:`write_case_outputs`)."""
+    DICOM SEG and SR (:func:`write_case_outputs`); ``ahead``: this input being read already (:func:`read_ahead`;
+    another input's is ignored). ``timings_s``: ``load`` (reading), ``total`` (reading and the method: the
+    pipeline's own time, without the models' loading or the case's files)."""
     from LumbarBMDLib.pipeline import measure, results_json
-    from LumbarBMDLib.volume import read_ct
 
     t0 = time.perf_counter()
     try:
-        volume = read_ct(path)
-        load = time.perf_counter() - t0
-        apply_scanner_spec(volume, scanner_spec)
+        if ahead is not None and ahead.path == path:
+            volume, load = ahead.result()  # raises what reading it raised
+        else:
+            volume = read_for_case(path, scanner_spec)
+            load = time.perf_counter() - t0
         result = measure(volume, seg_model, bmd_model, calibration)
         results = results_json(result, str(path), seg_model, bmd_model, {"load": load,
-                                                                         "total": time.perf_counter() - t0})
+                                                                         "total": load + result.timings_s["total"]})
     except LumbarBMDError as err:
         result, results = None, failed_results(str(path), str(err), {"total": time.perf_counter() - t0})
     except (MemoryError, RuntimeError, OSError) as err:
@@ -318,6 +321,65 @@ def run_case(path: Path, folder: Path, seg_model: SegmentationModel, bmd_model: 
     except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing half-written remains
         raise LumbarBMDError(f"could not write the case folder {folder}: {err.strerror or err}") from None
     return results
+
+
+def read_for_case(path: Path, scanner_spec=None):
+    """:func:`~LumbarBMDLib.volume.read_ct` of one input, with the site's scanner description applied."""
+    from LumbarBMDLib.volume import read_ct
+
+    volume = read_ct(path)
+    apply_scanner_spec(volume, scanner_spec)
+    return volume
+
+
+class ReadAhead:
+    """One input read on a background thread (:func:`read_ahead`), while the command imports torch and MONAI and
+    loads the models.
+
+    Why: a fresh ``lumbarbmd run`` spends about 3 s importing torch, MONAI and SciPy and loading the two models
+    before its first case can start (on the 2-core development machine, against about 5 s for the case itself).
+    Reading a CT is GIL-free work (SimpleITK's readers and zlib inflation release the GIL), so it runs on the other
+    core meanwhile (``benchmarks/bench_startup.py``). Only the read moves: the canal and spine stages are
+    GIL-bound Python and NumPy, and run as fast on one thread after the imports as beside them (measured: the process
+    is no faster, and the case's stage times come out inflated). The input's lock, its folder and whether it is
+    done already are decided later, as for any case; a volume it turns out not to need is dropped."""
+
+    def __init__(self, path: Path, scanner_spec=None):
+        import threading
+        from concurrent.futures import Future
+
+        self.path = path
+        self._future: Future = Future()
+        self._thread = threading.Thread(target=self._work, args=(scanner_spec,), name="lumbarbmd-read-ahead",
+                                        daemon=True)  # a command that fails meanwhile exits without waiting for it
+        self._thread.start()
+
+    def _work(self, scanner_spec) -> None:
+        t0 = time.perf_counter()
+        try:
+            volume = read_for_case(self.path, scanner_spec)
+            self._future.set_result((volume, time.perf_counter() - t0))
+        except BaseException as err:  # handed to the case, which turns a bad input into its sentence as always
+            self._future.set_exception(err)
+
+    def result(self):
+        """``(volume, seconds reading it)``; raises what :func:`read_for_case` raised."""
+        return self._future.result()
+
+
+def read_ahead(path: Path, out_dir: Path, case_id: str, force: bool, scanner_spec=None) -> ReadAhead | None:
+    """Start :class:`ReadAhead` for ``path``, unless its case folder already says it is done (ok or partial, not
+    ``force``: a resumed batch does not read a finished case for nothing; :func:`in_case_folder` still decides under
+    the case's lock). What reading imports is imported here first, on this thread, so that the two threads never
+    import the same module at once."""
+    import pydicom  # noqa: F401  (read_ct of a DICOM folder)
+
+    import LumbarBMDLib.volume  # noqa: F401
+
+    previous, _ = read_previous(out_dir / case_id)
+    if not force and previous is not None and previous.get("status") in ("ok", "partial"):
+        return None
+    return ReadAhead(path, scanner_spec)
 
 
 def summary_row(case: str, results: dict, note: str = "") -> dict:
@@ -404,6 +466,8 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
 
     paths = [Path(raw).expanduser() for raw in inputs]
     jobs = named_jobs(paths, names)
+    # the first case is read while torch, MONAI and the models load
+    ahead = read_ahead(jobs[0][0], out_dir, jobs[0][1], force, scanner_spec) if jobs else None
     with imports_without_gc():
         import monai.networks.nets  # noqa: F401  (DenseNet-121: what RegressionModel.load builds)
 
@@ -418,7 +482,8 @@ def run_batch(inputs: list[str | Path], out_dir: str | Path, device: str = "auto
     notes: dict[str, str] = {}
     summary_cache: dict[str, tuple[int, dict]] = {}
     for path, case_id in tqdm(jobs, desc="cases", unit="case", disable=not progress):
-        outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, **options)
+        outcome = _run_one(path, case_id, out_dir, seg_model, bmd_model, ahead=ahead, **options)
+        ahead = None  # its volume is no longer held
         if outcome.note:
             notes[outcome.case] = outcome.note
         outcomes.append(outcome)
@@ -443,16 +508,18 @@ def imports_without_gc():
 
 def _run_one(path: Path, case_id: str, out_dir: Path, seg_model: SegmentationModel, bmd_model: RegressionModel,
              calibration: ScannerCalibration | None = None, force: bool = False, scanner_spec=None,
-             dicom_out: bool = False, extras: dict[str, dict] | None = None) -> CaseOutcome:
+             dicom_out: bool = False, extras: dict[str, dict] | None = None,
+             ahead: ReadAhead | None = None) -> CaseOutcome:
     """One input, under the lock of its case id (a second process on the same case waits, then finds it done).
 
-    ``extras``: per input (keyed by its absolute path), fields added to its results.json (the PACS provenance).
+    ``extras``: per input (keyed by its absolute path), fields added to its results.json (the PACS provenance);
+    ``ahead``: this input being read already (:func:`read_ahead`).
 
     The one implementation of a case: the in-process batch and the Dask workers
     (:func:`LumbarBMDLib.distributed.case_task`) both call it."""
     def measure_into(folder: Path, identity: dict) -> dict:
         identity.update((extras or {}).get(os.path.abspath(path), {}))
-        return run_case(path, folder, seg_model, bmd_model, calibration, identity, scanner_spec, dicom_out)
+        return run_case(path, folder, seg_model, bmd_model, calibration, identity, scanner_spec, dicom_out, ahead)
 
     return in_case_folder(path, case_id, out_dir, measure_into, force)
 

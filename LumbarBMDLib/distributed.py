@@ -332,8 +332,9 @@ def run_distributed(scheduler: str, jobs: list[tuple[Path, str]], out_dir: Path,
                 try:
                     outcome = future.result()
                 except distributed.KilledWorker:
+                    tries = allowed_failures() + 1
                     outcome = _lost_case(out_dir, path, case_id, "the case was lost: every worker that ran it died "
-                                         f"({allowed_failures() + 1} tries; out of memory, or killed)")
+                                         f"({tries} {'try' if tries == 1 else 'tries'}; out of memory, or killed)")
                 if outcome.note:
                     notes[outcome.case] = outcome.note
                 outcomes[i] = outcome

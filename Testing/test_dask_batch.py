@@ -153,6 +153,47 @@ def test_a_case_whose_worker_is_killed_is_run_again_elsewhere(cohort, cluster, t
     assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
 
 
+def test_a_case_whose_workers_all_die_is_a_failed_case_with_its_sentence_and_the_batch_goes_on(cohort, tmp_path):
+    import logging
+
+    import dask
+
+    out = tmp_path / "lost-for-good"
+    inputs = [p for p in cohort["inputs"] if "damaged" not in str(p)][:2]
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                     silence_logs=logging.CRITICAL) as cl, distributed.Client(cl) as client:
+        pids = client.run(os.getpid)
+        done: dict = {}
+        thread = threading.Thread(target=lambda: done.update(
+            outcomes=run_batch(inputs, out, device="cpu", progress=False, scheduler=cl.scheduler_address,
+                               retries=0)))
+        thread.start()
+        victim, deadline = None, time.time() + 120
+        while victim is None and time.time() < deadline:
+            for worker, keys in client.processing().items():
+                running = [str(k) for k in keys if str(k).startswith("lumbarbmd-case-0-")]
+                if running:
+                    victim = worker
+                    break
+            time.sleep(0.05)
+        assert victim is not None, "the first case was not seen running"
+        os.kill(pids[victim], signal.SIGKILL)  # no retry is allowed: the case is lost
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+    lost, other = done["outcomes"]
+    assert lost.case == CASES[0] and lost.results["status"] == "failed"
+    assert lost.results["error"] == ("the case was lost: every worker that ran it died (1 try; out of memory, or "
+                                     "killed)")
+    assert sorted(p.name for p in (out / CASES[0]).iterdir()) == ["results.json"]
+    assert results(out, CASES[0])["input_sha256"] and results(out, CASES[0])["status"] == "failed"
+    assert other.results["status"] == "ok"  # the batch went on
+    assert stable(results(out, CASES[1])) == stable(results(cohort["reference"], CASES[1]))
+    rows = {r["case"]: r for r in csv.DictReader((out / "summary.csv").open(encoding="utf-8"))}
+    assert rows[CASES[0]]["status"] == "failed" and "lost" in rows[CASES[0]]["error"]
+    assert leftovers(out) == []  # the dead worker's temporary folder was removed
+
+
 def test_a_killed_dask_batch_run_again_loses_no_case_and_computes_none_twice(cohort, cluster, tmp_path):
     address, _ = cluster
     out = tmp_path / "killed"
