@@ -346,6 +346,69 @@ def test_retrieve_identical(orthanc: OrthancInstance, archive: dict, protocol: s
     assert volume.hu.shape == (64, 512, 512) and abs(volume.spacing[2] - 5.0) < 1e-3
 
 
+class _AsStoredRefused:
+    """A real HTTP front to the test Orthanc's DICOMweb that behaves like a PACS unable to send instances "as
+    stored": a WADO-RS request accepting ``transfer-syntax=*`` gets 406 Not Acceptable (as several archives answer);
+    every other request is passed to Orthanc unchanged. ``refused`` counts the refusals."""
+
+    def __init__(self, orthanc_url: str):
+        import http.server
+        import urllib.error
+        import urllib.request
+
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                accept = self.headers.get("Accept", "")
+                if "transfer-syntax=*" in accept.replace(" ", "").replace('"', ""):
+                    front.refused += 1
+                    self.send_response(406)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                request = urllib.request.Request(orthanc_url + self.path, headers={"Accept": accept} if accept else {})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as answer:
+                        status, headers, body = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as err:
+                    status, headers, body = err.code, err.headers, err.read()
+                self.send_response(status)
+                self.send_header("Content-Type", headers.get("Content-Type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.refused = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.real
+def test_retrieve_from_a_server_that_cannot_send_as_stored_falls_back_to_its_default(
+        orthanc: OrthancInstance, archive: dict, tmp_path: Path) -> None:  # noqa: F811
+    front = _AsStoredRefused(orthanc.http_url)
+    try:
+        server = parse_server(f"dicomweb+{front.url}/dicom-web")
+        series = next(s for s in pacs.find_series(server, archive["study_1"]) if s.series_uid == archive["soft"])
+        got = pacs.retrieve_series(server, series, tmp_path / "series")
+    finally:
+        front.close()
+    assert front.refused == 1  # asked as stored once, refused, then asked in the server's default syntax
+    assert len(got) == 64 and _pixel_hashes(got) == _pixel_hashes(archive["soft_files"])
+    assert pydicom.dcmread(got[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert read_ct(tmp_path / "series").metadata["series_instance_uid"] == archive["soft"]
+
+
 def _stats(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
