@@ -409,6 +409,39 @@ def test_retrieve_from_a_server_that_cannot_send_as_stored_falls_back_to_its_def
     assert read_ct(tmp_path / "series").metadata["series_instance_uid"] == archive["soft"]
 
 
+@pytest.mark.real
+def test_an_instance_of_another_series_is_refused_and_the_retrieval_fails_with_a_sentence(
+        orthanc: OrthancInstance, archive: dict, tmp_path: Path) -> None:  # noqa: F811
+    """What our storage SCP does when something else than the series asked for arrives (a PACS answering C-GET with
+    more, or anyone storing to the C-MOVE listener meanwhile): a real association to a real SCP on loopback."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    receiver = dimse._Receiver(folder, archive["study_1"], archive["soft"])
+    scp = AE(ae_title=orthanc.store_aet)
+    scp.add_supported_context(CTImageStorage, dimse.TRANSFER_SYNTAXES)
+    port = orthanc_fixture.free_port()
+    listener = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, receiver)])
+    try:
+        scu = AE(ae_title="INTRUDER")
+        scu.add_requested_context(CTImageStorage, dimse.TRANSFER_SYNTAXES[:2])
+        assoc = scu.associate("127.0.0.1", port, ae_title=orthanc.store_aet)
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(f).Status) for f in (archive["soft_files"][0], archive["nc_files"][0])]
+        assoc.release()
+    finally:
+        listener.shutdown()
+    assert statuses == [0x0000, dimse.NOT_THE_SERIES_ASKED]
+    assert [p.name for p in folder.iterdir()] == [f"{_pixel_hashes(archive['soft_files'][:1]).popitem()[0]}.dcm"]
+    done = pydicom.Dataset()
+    done.Status = 0x0000
+    with pytest.raises(LumbarBMDError, match=r"1 image\(s\) of another study or series arrived") as err:
+        dimse._check_final(parse_server(_servers(orthanc)["c-move"]), done, "the retrieval (C-MOVE)", receiver)
+    assert archive["nc"] in str(err.value) and "not used" in str(err.value)
+
+
 def _stats(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -159,14 +159,24 @@ def complete_from_instance(server: PacsServer, series: SeriesInfo, assoc=None) -
     return with_instance_details(series, details[0], n_instances=len(instances)) if details else series
 
 
-class _Receiver:
-    """C-STORE handler writing each received instance of one series as ``<SOPInstanceUID>.dcm``, bytes as sent."""
+#: C-STORE status for an instance that is not of the series asked for (PS3.4 C.4.2.1.5, "Error: Cannot understand").
+NOT_THE_SERIES_ASKED = 0xC000
 
-    def __init__(self, folder: Path, series_uid: str) -> None:
+
+class _Receiver:
+    """C-STORE handler writing each received instance of one series as ``<SOPInstanceUID>.dcm``, bytes as sent.
+
+    An instance of another study or series is refused and not written (``strays``): a PACS answering C-GET with
+    more than was asked, or, for C-MOVE, anyone else storing to our listener meanwhile, must never mix another scan
+    into the case's series."""
+
+    def __init__(self, folder: Path, study_uid: str, series_uid: str) -> None:
         self.folder = folder
+        self.study_uid = study_uid
         self.series_uid = series_uid
         self.written: list[Path] = []
         self.refused: list[str] = []
+        self.strays: list[str] = []  # "<SOP Instance UID> (series <Series Instance UID>)"
         self.lock = threading.Lock()
 
     def __call__(self, event) -> int:
@@ -175,6 +185,15 @@ class _Receiver:
             with self.lock:
                 self.refused.append(sop)
             return 0xA900  # dataset does not match SOP class (no UID)
+        try:
+            ds = event.dataset
+            study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        except Exception:  # undecodable: it cannot be shown to belong to the series
+            study, series = "", "?"
+        if (study, series) != (self.study_uid, self.series_uid):
+            with self.lock:
+                self.strays.append(f"{sop} (series {series or 'none'})")
+            return NOT_THE_SERIES_ASKED
         path = self.folder / f"{folder_name(sop)}.dcm"
         path.write_bytes(event.encoded_dataset())
         with self.lock:
@@ -201,9 +220,13 @@ def _series_identifier(study_uid: str, series_uid: str) -> Dataset:
 def _check_final(server: PacsServer, status: Dataset | None, doing: str, receiver: _Receiver) -> None:
     code = int(status.Status) if status is not None and "Status" in status else None
     failed = int(status.get("NumberOfFailedSuboperations", 0) or 0) if status is not None else 0
-    if code not in SUCCESS_OR_WARNING or failed:
+    if (code not in SUCCESS_OR_WARNING or failed) and not receiver.strays:  # strays: the sentence below says why
         raise LumbarBMDError(f"the PACS at {server.describe()} failed {doing}: {_status_text(status)}"
                              + (f", {failed} image(s) not sent" if failed else ""))
+    if receiver.strays:
+        raise LumbarBMDError(f"{len(receiver.strays)} image(s) of another study or series arrived during {doing} "
+                             f"from {server.describe()} and were refused (the first: {receiver.strays[0]}); the "
+                             "series was not used, so that no other scan is mixed into it")
     if receiver.refused:
         raise LumbarBMDError(f"the PACS at {server.describe()} sent {len(receiver.refused)} image(s) without a valid "
                              f"SOP Instance UID during {doing}")
@@ -214,7 +237,7 @@ def retrieve_series(server: PacsServer, study_uid: str, series_uid: str, folder:
     """Retrieve one series into ``folder`` with C-GET (``server.retrieve == "get"``) or C-MOVE to our storage SCP
     on ``server.store_port``. ``sop_classes``: the storage SOP classes to accept besides CT and enhanced CT."""
     folder.mkdir(parents=True, exist_ok=True)
-    receiver = _Receiver(folder, series_uid)
+    receiver = _Receiver(folder, study_uid, series_uid)
     classes = _storage_contexts(list(sop_classes or []))
     if server.retrieve == "move":
         return _c_move(server, study_uid, series_uid, receiver, classes)
