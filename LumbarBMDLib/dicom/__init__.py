@@ -11,6 +11,8 @@ Modules, by role:
 * :mod:`~LumbarBMDLib.dicom.masks` — the sagittal labels and the trabecular patches mapped onto the source frames.
 * :mod:`~LumbarBMDLib.dicom.seg` — :func:`build_seg`: the DICOM Segmentation (BINARY).
 * :mod:`~LumbarBMDLib.dicom.sr` — :func:`build_sr`: the Comprehensive 3D SR, TID 1500 Measurement Report.
+* :mod:`~LumbarBMDLib.dicom.files` — :func:`save_dicom_file`: one DICOM file, written atomically (the outputs, and
+  the series retrieved over WADO-RS).
 * :mod:`~LumbarBMDLib.dicom.outputs` — :func:`write_dicom_outputs`: ``seg.dcm`` and ``sr.dcm`` of one case.
 
 This package never imports ``slicer``, ``qt`` or ``vtk``; highdicom and pydicom are imported by the modules that

@@ -15,10 +15,10 @@ function is safe to call on a case's temporary folder (``durable.atomic_folder``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from LumbarBMDLib.dicom import SEG_FILE, SR_FILE
+from LumbarBMDLib.dicom.files import save_dicom_file
 from LumbarBMDLib.errors import LumbarBMDError
 
 
@@ -55,16 +55,6 @@ def build_dicom_outputs(source_folder: Path, result, results: dict):
     return seg, build_sr(source, seg, plan, results)
 
 
-def _save(dataset, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        dataset.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_dicom_outputs(out_folder: Path, source_folder: Path, result, results: dict) -> list[Path]:
     """Write ``out_folder/seg.dcm`` and ``out_folder/sr.dcm`` for one measured case.
 
@@ -89,7 +79,7 @@ def write_dicom_outputs(out_folder: Path, source_folder: Path, result, results: 
     written: list[Path] = []
     try:
         for dataset, name in ((seg, SEG_FILE), (sr, SR_FILE)):
-            _save(dataset, out_folder / name)
+            save_dicom_file(dataset, out_folder / name)
             written.append(out_folder / name)
     except BaseException:
         for path in written:

@@ -14,6 +14,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
+from LumbarBMDLib.dicom.files import save_dicom_file
 from LumbarBMDLib.errors import LumbarBMDError
 from LumbarBMDLib.pacs.query import (
     IMAGE_LEVEL_KEYS,
@@ -170,7 +171,7 @@ def retrieve_series(server: PacsServer, study_uid: str, series_uid: str, folder:
         if first is not None:
             for ds in _chain(first, instances):
                 path = folder / f"{_file_stem(ds)}.dcm"
-                write_file(path, ds)
+                save_dicom_file(ds, path)
                 written.append(path)
     return written
 
@@ -178,14 +179,6 @@ def retrieve_series(server: PacsServer, study_uid: str, series_uid: str, folder:
 def _chain(first: Dataset, rest: Iterator[Dataset]) -> Iterator[Dataset]:
     yield first
     yield from rest
-
-
-def write_file(path: Path, ds: Dataset) -> None:
-    """Write ``ds`` as a DICOM file (preamble and file meta), with pydicom 3 or 2."""
-    try:
-        ds.save_as(path, enforce_file_format=True)
-    except TypeError:  # pydicom 2: no enforce_file_format
-        ds.save_as(path, write_like_original=False)
 
 
 def _file_stem(ds: Dataset) -> str:
